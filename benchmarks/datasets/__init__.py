@@ -1,0 +1,18 @@
+"""Datasets in their published layouts, one module per layout, one registry (names used by ``--dataset``).
+
+Registered: isic2019, ham10000, medmnist, nih_cxr14, chexpert, siim_covid, image_folder, synthetic_derm,
+synthetic_cxr.
+"""
+from . import (chexpert, ham10000, image_folder, isic2019, medmnist, nih_cxr14,  # noqa: F401  (registration)
+               siim_covid, synthetic)
+from .base import ArrayImageSource, FileImageSource, ImageRecords, ImageSource
+from .errors import (CorruptImageError, DatasetError, EmptySplitError, MissingColumnError, MissingFileError,
+                     UnknownDatasetError, UnknownLabelError)
+from .prepared import PreparedDataset, UnlabeledImages, load_dataset
+from .registry import DATASETS, load_records
+
+__all__ = [
+    'ArrayImageSource', 'FileImageSource', 'ImageRecords', 'ImageSource', 'CorruptImageError', 'DatasetError',
+    'EmptySplitError', 'MissingColumnError', 'MissingFileError', 'UnknownDatasetError', 'UnknownLabelError',
+    'PreparedDataset', 'UnlabeledImages', 'load_dataset', 'DATASETS', 'load_records',
+]

@@ -1,0 +1,123 @@
+"""The engine's view of a dataset: decoded pixels at one size, splits, label fractions, an unlabeled view.
+
+``load_dataset(name, root, image_size, seed)`` is the single entry point used by the curriculum and the
+benchmarks. Labels never reach a pretext task: pretext stages receive :class:`UnlabeledImages` only.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import ImageRecords
+from .cache import decoded_images, resize_uint8
+from .errors import EmptySplitError
+from .registry import load_records
+from .splits import DEFAULT_FRACTIONS, label_fraction_subset, make_splits
+
+
+@dataclass(frozen=True)
+class UnlabeledImages:
+    """Pixels only: what a pretext task may see. ``images`` is ``(N, S, S, C)`` uint8."""
+
+    images: np.ndarray
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class PreparedDataset:
+    """A dataset decoded at ``image_size`` with a deterministic split."""
+
+    def __init__(self, records: ImageRecords, image_size: int, seed: int = 0, cache_dir: str | None = None,
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS):
+        self.records = records
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.cache_dir = cache_dir
+        self.images = decoded_images(records.source, self.image_size, cache_dir)
+        if records.split is not None:
+            self.split = records.split
+            self.split_origin = 'published'
+        else:
+            self.split = make_splits(records.labels, records.groups, seed, fractions)
+            self.split_origin = f'generated (seed {seed}, {"grouped, " if records.groups is not None else ""}' \
+                                f'stratified {"/".join(str(f) for f in fractions)})'
+        digest = hashlib.sha256()
+        digest.update(f'{records.name}:{self.image_size}:{records.source.fingerprint()}'.encode())
+        digest.update(np.ascontiguousarray(records.labels).tobytes())
+        digest.update('|'.join(self.split.tolist()).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    # -- metadata -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.records.name
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.records.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.records.num_classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.records.multilabel
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.records.labels
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    # -- splits ---------------------------------------------------------------------------------------------
+    def indices(self, split: str) -> np.ndarray:
+        """Indices of one split; :class:`EmptySplitError` when it is empty."""
+        found = np.flatnonzero(self.split == split)
+        if len(found) == 0:
+            raise EmptySplitError(f'{self.name}: split {split!r} has no images')
+        return found
+
+    def train_indices(self, label_fraction: float = 1.0, seed: int | None = None) -> np.ndarray:
+        """Training indices subsampled per class to ``label_fraction``."""
+        subset = label_fraction_subset(self.indices('train'), self.labels, label_fraction,
+                                       self.seed if seed is None else seed)
+        if len(subset) == 0:
+            raise EmptySplitError(f'{self.name}: label fraction {label_fraction} of train is empty')
+        return subset
+
+    def unlabeled(self, split: str = 'train') -> UnlabeledImages:
+        """The images of ``split`` without labels, for pretext training."""
+        idx = self.indices(split)
+        return UnlabeledImages(self.images[idx], f'{self.fingerprint}:{split}')
+
+    def masks(self, indices: np.ndarray) -> list[np.ndarray | None]:
+        """ROI masks of ``indices`` resized exactly as their images (nearest neighbour), or None per missing."""
+        from .base import FileImageSource
+
+        if self.records.masks is None:
+            return [None] * len(indices)
+        out = []
+        for i in indices:
+            path = self.records.masks[int(i)]
+            if not path:
+                out.append(None)
+                continue
+            mask = FileImageSource([path], channels=1).decode(0)
+            out.append(resize_uint8(mask, self.image_size, nearest=True)[..., 0] > 127)
+        return out
+
+
+def load_dataset(name: str, root: str | None = None, image_size: int = 64, seed: int = 0,
+                 cache_dir: str | None = None, **options) -> PreparedDataset:
+    """Read ``name`` in its published layout at ``root`` and decode it at ``image_size`` (cached)."""
+    return PreparedDataset(load_records(name, root, **options), image_size, seed, cache_dir)
