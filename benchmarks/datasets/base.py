@@ -55,6 +55,7 @@ class FileImageSource(ImageSource):
     def __init__(self, paths: Sequence[str], channels: int = 3):
         self.paths = [os.fspath(p) for p in paths]
         self.channels = channels
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,6 +64,12 @@ class FileImageSource(ImageSource):
         return self.paths[index]
 
     def fingerprint(self) -> str:
+        """Hash of every path, size and mtime (computed once per instance: one stat per file)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._stat_fingerprint()
+        return self._fingerprint
+
+    def _stat_fingerprint(self) -> str:
         digest = hashlib.sha256(f'files:{self.channels}'.encode())
         for path in self.paths:
             try:

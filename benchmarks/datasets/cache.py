@@ -43,7 +43,8 @@ def cache_key(source: ImageSource, size: int, kind: str = 'image') -> str:
 
 def decoded_images(source: ImageSource, size: int, cache_dir: str | None = None,
                    threads: int | None = None) -> np.ndarray:
-    """All images of ``source`` resized to ``size``: ``(N, size, size, C)`` uint8, from the cache when present."""
+    """All images of ``source`` resized to ``size``: ``(N, size, size, C)`` uint8, read from the cache file when
+    present (loaded into memory: training indexes it randomly every step)."""
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f'{cache_key(source, size)}.npy')
@@ -57,9 +58,10 @@ def decoded_images(source: ImageSource, size: int, cache_dir: str | None = None,
         out[index] = resize_uint8(source.decode(index), size)
 
     threads = threads or min(4, os.cpu_count() or 1)
+    chunk = 256  # a corrupt image stops the build within one chunk instead of after decoding everything
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(work, range(len(source))):
-            pass
+        for start in range(0, len(source), chunk):
+            list(pool.map(work, range(start, min(start + chunk, len(source)))))
     tmp = f'{path}.{os.getpid()}.tmp.npy'
     np.save(tmp, out, allow_pickle=False)
     os.replace(tmp, path)

@@ -1,0 +1,27 @@
+"""Stage cache keys: a stage is identified by everything that determines its output.
+
+key = hash(parent stage key, task, resolved task config, LR-search config, seed, dataset fingerprint, image size,
+backbone config, device/precision, engine cache version). Because the parent key is part of the key, orderings
+that share a prefix share those stages: ``odc`` → ``odc,moco`` → ``odc,moco,relloc`` reuse the earlier stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+CACHE_VERSION = 1
+STAGES_DIR = 'stages'
+
+
+def stage_key(parent_key: str | None, task: str, task_cfg: dict, search_cfg: dict, seed: int, data_fingerprint: str,
+              image_size: int, backbone_cfg: dict, precision: str) -> str:
+    payload = dict(version=CACHE_VERSION, parent=parent_key, task=task, task_cfg=task_cfg, search=search_cfg,
+                   seed=seed, data=data_fingerprint, image_size=image_size, backbone=backbone_cfg,
+                   precision=precision)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_dir(work_root: str, task: str, key: str) -> str:
+    return os.path.join(work_root, STAGES_DIR, f'{task}-{key}')

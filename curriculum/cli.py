@@ -1,0 +1,74 @@
+"""Small command-line helpers shared by the tools: one-line errors, progress output, the summary table."""
+from __future__ import annotations
+
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def fail(exc: BaseException) -> int:
+    """Print ``error: <one line>`` to stderr and return exit code 2."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f'error: {message}', file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def progress_printer():
+    """A progress callback: a tqdm bar per stage's iterations, one line per trial, epoch and stage."""
+    from tqdm import tqdm
+
+    state = {'bar': None, 'label': ''}
+
+    def close_bar():
+        if state['bar'] is not None:
+            state['bar'].close()
+            state['bar'] = None
+
+    def callback(kind: str, step: int, total: int, info: dict) -> None:
+        if kind == 'stage':
+            close_bar()
+            state['label'] = info.get('task', '')
+            tqdm.write(f'[stage {step}/{total}] {info.get("task")} (key {info.get("key")})')
+        elif kind == 'trial':
+            tqdm.write(f'  lr trial {step}/{total}: lr={info["lr"]:.3g} score={info["score"]:.4f}')
+        elif kind == 'iter':
+            if state['bar'] is None or state['bar'].total != total:
+                close_bar()
+                state['bar'] = tqdm(total=total, desc=f'  {state["label"]}', unit='it', leave=False,
+                                    mininterval=1.0, file=sys.stderr)
+                state['bar'].update(step - 1)
+            state['bar'].update(1)
+        elif kind == 'epoch':
+            loss = info.get('loss')
+            extra = f' pretext_acc={info["pretext_acc"]:.3f}' if 'pretext_acc' in info else ''
+            tqdm.write(f'  epoch {step}/{total}: loss={loss:.4f}{extra}' if loss is not None
+                       else f'  epoch {step}/{total}')
+        elif kind == 'downstream':
+            close_bar()
+            tqdm.write(f'[downstream] {info.get("dataset")}')
+    return callback
+
+
+def print_summary(result: dict, path: str) -> None:
+    """A short Markdown-style table of stages and downstream metrics."""
+    print(f'\norder: {",".join(result["order"]) or "none"}   dataset: {result["dataset"]} -> '
+          f'{result["downstream_dataset"]}   seed: {result["seed"]}   '
+          f'label fraction: {result["label_fraction"]}')
+    if result['stages']:
+        print('\n| stage | task | lr | epochs | first loss | final loss | seconds | cache hit |')
+        print('|---|---|---|---|---|---|---|---|')
+        for index, stage in enumerate(result['stages'], 1):
+            first = '-' if stage.get('first_loss') is None else f'{stage["first_loss"]:.4f}'
+            final = '-' if stage.get('final_loss') is None else f'{stage["final_loss"]:.4f}'
+            print(f'| {index} | {stage["task"]} | {stage["lr"]:.3g} | {stage["epochs"]} | {first} | {final} | '
+                  f'{stage["seconds"]:.1f} | {"yes" if stage["cache_hit"] else "no"} |')
+    metrics = ('balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa')
+    print('\n| protocol | ' + ' | '.join(metrics) + ' |')
+    print('|---|' + '---|' * len(metrics))
+    for protocol, values in result['downstream'].items():
+        cells = []
+        for metric in metrics:
+            value = values.get(metric)
+            cells.append('-' if value is None else f'{value:.4f}')
+        print(f'| {protocol} | ' + ' | '.join(cells) + ' |')
+    print(f'\nresult: {path}  ({result["seconds"]:.0f} s)')

@@ -1,0 +1,120 @@
+"""Compatibility fixes between torch ≥ 2.6, mmengine 0.10.7 and user-supplied weights, in one place.
+
+torch ≥ 2.6 loads with ``weights_only=True``; mmengine's checkpoints hold its ``HistoryBuffer`` and numpy objects,
+so resuming fails with ``UnpicklingError``. Full unpickling is only safe for files this engine wrote itself, so
+:class:`EngineRunner` writes every checkpoint atomically with a SHA-256 sidecar, and the local checkpoint loader
+(installed into mmengine's ``CheckpointLoader``) unpickles fully only when the sidecar matches; any other file is
+loaded weights-only. User weights (``--init``) always go through :func:`load_user_weights` (weights-only).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import torch
+from mmengine.runner import CheckpointLoader, Runner
+
+from .errors import CheckpointError
+
+SIDECAR_SUFFIX = '.sha256'
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mark_trusted(path: str) -> None:
+    """Record that the engine wrote ``path`` (sidecar with its hash, written atomically)."""
+    tmp = f'{path}{SIDECAR_SUFFIX}.tmp'
+    with open(tmp, 'w') as handle:
+        handle.write(file_sha256(path))
+    os.replace(tmp, path + SIDECAR_SUFFIX)
+
+
+def is_trusted(path: str) -> bool:
+    sidecar = path + SIDECAR_SUFFIX
+    if not os.path.isfile(sidecar):
+        return False
+    with open(sidecar) as handle:
+        return handle.read().strip() == file_sha256(path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file, then rename, then mark trusted: a kill never leaves a half file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    mark_trusted(path)
+
+
+def load_checkpoint_file(filename: str, map_location=None):
+    """Load a checkpoint: fully unpickled when the engine wrote it, weights-only otherwise."""
+    if not os.path.isfile(filename):
+        raise CheckpointError(f'checkpoint not found: {filename}')
+    if is_trusted(filename):
+        return torch.load(filename, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f'{filename}: not written by this engine and not a plain weights file; refusing to unpickle it '
+            f'({first})') from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f'{filename}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})') from None
+
+
+def install() -> None:
+    """Make mmengine's local checkpoint loading go through :func:`load_checkpoint_file` (idempotent)."""
+    CheckpointLoader.register_scheme(prefixes='', loader=load_checkpoint_file, force=True)
+
+
+class EngineRunner(Runner):
+    """mmengine's Runner whose checkpoints are written atomically and marked as the engine's own."""
+
+    def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
+        partial = filename + '.partial'
+        super().save_checkpoint(out_dir, partial, *args, **kwargs)
+        final = os.path.join(out_dir, filename)
+        os.replace(os.path.join(out_dir, partial), final)
+        mark_trusted(final)
+
+
+HEAD_PREFIXES = ('fc.', 'head.', 'classifier.')
+
+
+def load_user_weights(path: str) -> dict[str, torch.Tensor]:
+    """Backbone weights from a user file (e.g. ImageNet ResNet weights), loaded weights-only.
+
+    Accepts a plain state dict or one nested under ``state_dict`` / ``model``; strips ``module.`` and
+    ``backbone.`` prefixes and drops classifier-head keys (``fc.*``), which a backbone has no place for.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'--init weights file not found: {path}')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f'{path}: cannot be loaded weights-only (it contains pickled objects); '
+                              f'save a plain state_dict ({str(exc).splitlines()[0]})') from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f'{path}: not a readable torch weights file ({str(exc).splitlines()[0]})') from None
+    for key in ('state_dict', 'model'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f'{path}: expected a dict of tensors (a state_dict)')
+    state = {}
+    for key, value in obj.items():
+        for prefix in ('module.', 'backbone.'):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(HEAD_PREFIXES):
+            continue
+        state[key] = value
+    return state

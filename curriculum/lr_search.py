@@ -1,0 +1,134 @@
+"""Per-stage learning-rate search with Optuna.
+
+One study per stage key (name ``lr/<task>/<key>``) in a persistent storage (SQLite under the work root by default,
+so ``optuna-dashboard sqlite:///work_dirs/optuna.db`` opens it). Each trial trains a fraction of an epoch at a
+log-uniform LR from the task's ``lr_range``, starting from the parent backbone, and is scored by the task's own
+validation objective on the validation split (or a kNN probe on it) — never on the test split. Intermediate reports
+let the median pruner stop poor trials early. A rerun reuses completed trials, so a killed search resumes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from .stage import StageInputs, run_trial
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+logger = logging.getLogger(__name__)
+
+
+def default_storage(work_root: str) -> str:
+    return f'sqlite:///{os.path.abspath(os.path.join(work_root, "optuna.db"))}'
+
+
+def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    if kind == 'tpe':
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
+    if kind == 'random':
+        return optuna.samplers.RandomSampler(seed=seed)
+    # Scrambled Halton points spread a handful of trials evenly over the log-range (better than random for 3).
+    return optuna.samplers.QMCSampler(qmc_type='halton', scramble=True, seed=seed, warn_independent_sampling=False)
+
+
+def _pruner(kind: str) -> optuna.pruners.BasePruner:
+    if kind == 'none':
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+
+
+def trial_records(study: optuna.Study) -> list[dict]:
+    """Every finished trial of a study as ``{lr, score, state}`` (stale RUNNING ones are left out)."""
+    out = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.RUNNING:
+            continue
+        score = trial.value
+        if score is None and trial.intermediate_values:
+            score = trial.intermediate_values[max(trial.intermediate_values)]
+        out.append({'lr': float(trial.params.get('lr', float('nan'))),
+                    'score': None if score is None or not math.isfinite(score) else float(score),
+                    'state': trial.state.name.lower()})
+    return out
+
+
+def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, parent_backbone: str | None,
+              stage_key: str, storage: str, trials_dir: str, progress=None, knn_data: dict | None = None) -> dict:
+    """Run (or resume) the study for one stage; returns ``{'lr', 'trials', 'study', 'storage', 'searched'}``."""
+    n_trials = int(search_cfg.get('trials', 0))
+    if n_trials <= 0:
+        return {'lr': float(cfg['lr']), 'trials': [], 'study': None, 'storage': None, 'searched': False}
+    low, high = (float(v) for v in cfg['lr_range'])
+    study_name = f'lr/{task_name}/{stage_key}'
+    study = optuna.create_study(study_name=study_name, storage=storage, direction='maximize',
+                                sampler=_sampler(search_cfg.get('sampler', 'qmc'), inputs.seed),
+                                pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
+    study.set_user_attr('task', task_name)
+    study.set_user_attr('lr_range', [low, high])
+    # A trial left RUNNING by a killed process is marked failed so the dashboard and the count stay honest.
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 (storage API)
+    iterations_per_epoch = max(1, len(inputs.train_images) // int(cfg['batch_size']))
+    iterations = max(2, int(round(float(search_cfg.get('trial_fraction', 0.2)) * iterations_per_epoch)))
+    reports = max(1, int(search_cfg.get('reports', 2)))
+    report_at = sorted({max(1, round(iterations * (k + 1) / reports)) for k in range(reports)})
+    val_count = min(len(inputs.val_images), int(search_cfg.get('val_images', 256)))
+    score_fn = make_score_fn(search_cfg, inputs.val_images[:val_count], knn_data, inputs.device)
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float('lr', low, high, log=True)
+
+        def on_report(score: float, step: int) -> None:
+            trial.report(score if math.isfinite(score) else -1e9, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        trial_dir = os.path.join(trials_dir, f'trial_{trial.number}')
+        try:
+            score = run_trial(task_name, cfg, lr, inputs, parent_backbone, trial_dir, iterations, report_at,
+                              score_fn, on_report)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # a diverging LR (NaN loss) is a failed trial, not a failed search
+            if type(exc).__name__ == 'NonFiniteLossError':
+                trial.set_user_attr('error', str(exc))
+                return -1e9
+            raise
+        if progress:
+            progress('trial', trial.number + 1, n_trials, {'lr': lr, 'score': score})
+        return score
+
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    remaining = n_trials - len(done)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=())
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        chosen = float(cfg['lr'])
+        logger.warning('%s: every LR trial was pruned or failed; using the default lr %g', task_name, chosen)
+    else:
+        chosen = float(max(completed, key=lambda t: t.value).params['lr'])
+    return {'lr': chosen, 'trials': trial_records(study), 'study': study_name, 'storage': storage,
+            'searched': True, 'iterations_per_trial': iterations}
+
+
+def make_score_fn(search_cfg: dict, val_images: np.ndarray, knn_data: dict | None, device: str):
+    """The trial objective (higher is better): the task's own validation score on val images, or the balanced
+    accuracy of a kNN probe (k=20) fitted on labeled train images and scored on val images."""
+    if search_cfg.get('objective', 'pretext') == 'knn':
+        if knn_data is None:
+            raise ValueError('lr_search.objective=knn needs a labeled pretext dataset')
+        from benchmarks.protocols.features import extract_features
+        from benchmarks.protocols.knn import knn_score
+
+        def knn(model) -> float:
+            train = extract_features(model.backbone, knn_data['train_images'], device)
+            val = extract_features(model.backbone, knn_data['val_images'], device)
+            return float(knn_score(train, knn_data['train_labels'], val, knn_data['val_labels'], k=20))
+        return knn
+    return lambda model: float(model.validation_score(val_images))

@@ -1,0 +1,205 @@
+"""Configs and plans: parse ``--order odc,moco`` and the YAML config into a validated list of stages.
+
+Everything a run needs is checked here, before any compute and before anything is written, so a bad flag, order
+or config ends with one line and exit code 2 and leaves existing work directories untouched. YAML is read with
+``yaml.safe_load`` only.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pretext_tasks.registry import TASKS
+
+from .errors import PlanError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'default.yaml')
+NO_PRETRAINING = 'none'
+KNOWN_PROTOCOLS = ('linear', 'finetune', 'knn')
+STAGE_KEYS_REQUIRED = ('epochs', 'batch_size', 'lr', 'lr_range', 'optimizer')
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise PlanError(f'config file not found: {path}')
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise PlanError(f'{path}: invalid YAML ({str(exc).splitlines()[0]})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PlanError(f'{path}: expected a mapping at the top level')
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_dotted(config: dict, options: dict[str, Any]) -> dict:
+    """Apply mmengine-style ``--cfg-options a.b=value`` overrides."""
+    out = copy.deepcopy(config)
+    for dotted, value in (options or {}).items():
+        node = out
+        parts = dotted.split('.')
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | None = None, options: dict[str, Any] | None = None) -> dict:
+    """The default config, merged with a user config file (which may hold only some keys) and overrides."""
+    config = read_yaml(DEFAULT_CONFIG)
+    if path and os.path.abspath(path) != os.path.abspath(DEFAULT_CONFIG):
+        config = deep_merge(config, read_yaml(path))
+    return apply_dotted(config, options or {})
+
+
+def task_recipe(task: str) -> dict:
+    """``configs/tasks/<task>.yaml``."""
+    return read_yaml(os.path.join(CONFIG_DIR, 'tasks', f'{task}.yaml'))
+
+
+@dataclass
+class StagePlan:
+    task: str
+    cfg: dict                       # the task's resolved recipe (epochs, batch_size, lr, lr_range, optimizer, ...)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.cfg['epochs'])
+
+
+@dataclass
+class RunPlan:
+    order: list[str]
+    stages: list[StagePlan]
+    config: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ','.join(self.order) if self.order else NO_PRETRAINING
+
+
+def parse_order(text: str) -> list[str]:
+    """``'odc,moco'`` → ``['odc', 'moco']``; ``'none'`` → ``[]``. Unknown, repeated or empty → PlanError."""
+    if text is None or not str(text).strip():
+        raise PlanError('--order is empty: give comma-separated task names or "none"')
+    names = [part.strip() for part in str(text).split(',')]
+    if any(not name for name in names):
+        raise PlanError(f'--order {text!r} has an empty task name')
+    if names == [NO_PRETRAINING]:
+        return []
+    if NO_PRETRAINING in names:
+        raise PlanError(f'--order {text!r}: "none" cannot be combined with tasks')
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise PlanError(f'unknown pretext task {unknown[0]!r} in --order; known: {", ".join(sorted(TASKS))}')
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise PlanError(f'task {repeated[0]!r} appears more than once in --order {text!r}')
+    return names
+
+
+def _positive_number(value: Any, what: str, integer: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PlanError(f'{what} must be a number, got {value!r}') from None
+    if not math.isfinite(number) or number <= 0 or (integer and number != int(number)):
+        raise PlanError(f'{what} must be a positive {"integer" if integer else "number"}, got {value!r}')
+    return number
+
+
+def resolve_stage(task: str, config: dict) -> StagePlan:
+    cfg = deep_merge(task_recipe(task), (config.get('tasks') or {}).get(task, {}))
+    if config.get('epochs') is not None:
+        cfg['epochs'] = config['epochs']
+    missing = [key for key in STAGE_KEYS_REQUIRED if key not in cfg]
+    if missing:
+        raise PlanError(f'configs/tasks/{task}.yaml lacks key(s) {", ".join(missing)}')
+    _positive_number(cfg['epochs'], f'{task}: epochs', integer=True)
+    cfg['epochs'] = int(cfg['epochs'])
+    batch = _positive_number(cfg['batch_size'], f'{task}: batch_size', integer=True)
+    if batch < 2:
+        raise PlanError(f'{task}: batch_size must be at least 2, got {cfg["batch_size"]}')
+    cfg['batch_size'] = int(batch)
+    _positive_number(cfg['lr'], f'{task}: lr')
+    lr_range = cfg['lr_range']
+    if not (isinstance(lr_range, (list, tuple)) and len(lr_range) == 2):
+        raise PlanError(f'{task}: lr_range must be [low, high], got {lr_range!r}')
+    low = _positive_number(lr_range[0], f'{task}: lr_range low')
+    high = _positive_number(lr_range[1], f'{task}: lr_range high')
+    if not low < high:
+        raise PlanError(f'{task}: lr_range low {low} must be below high {high}')
+    if not isinstance(cfg['optimizer'], dict) or 'type' not in cfg['optimizer']:
+        raise PlanError(f'{task}: optimizer must be a mapping with a "type" (e.g. SGD)')
+    return StagePlan(task, cfg)
+
+
+def validate_config(config: dict) -> None:
+    size = _positive_number(config.get('image_size'), 'image_size', integer=True)
+    if not 16 <= size <= 1024:
+        raise PlanError(f'image_size must be between 16 and 1024, got {int(size)}')
+    if not isinstance(config.get('seed'), int) or isinstance(config.get('seed'), bool) or config['seed'] < 0:
+        raise PlanError(f'seed must be a non-negative integer, got {config.get("seed")!r}')
+    if config.get('device') not in ('auto', 'cpu', 'cuda'):
+        raise PlanError(f'device must be auto, cpu or cuda, got {config.get("device")!r}')
+    if config.get('amp') not in ('bf16', 'fp16', 'none', None):
+        raise PlanError(f'amp must be bf16, fp16 or none, got {config.get("amp")!r}')
+    search = config.get('lr_search') or {}
+    trials = search.get('trials', 0)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 0:
+        raise PlanError(f'lr_search.trials must be a non-negative integer, got {trials!r}')
+    fraction = _positive_number(search.get('trial_fraction', 0.2), 'lr_search.trial_fraction')
+    if fraction > 1:
+        raise PlanError(f'lr_search.trial_fraction must be in (0, 1], got {fraction}')
+    if search.get('objective', 'pretext') not in ('pretext', 'knn'):
+        raise PlanError(f'lr_search.objective must be pretext or knn, got {search.get("objective")!r}')
+    if search.get('sampler', 'qmc') not in ('qmc', 'tpe', 'random'):
+        raise PlanError(f'lr_search.sampler must be qmc, tpe or random, got {search.get("sampler")!r}')
+    if search.get('pruner', 'median') not in ('median', 'none'):
+        raise PlanError(f'lr_search.pruner must be median or none, got {search.get("pruner")!r}')
+    _positive_number(search.get('reports', 2), 'lr_search.reports', integer=True)
+    _positive_number(search.get('val_images', 256), 'lr_search.val_images', integer=True)
+    evaluation = config.get('evaluation') or {}
+    protocols = evaluation.get('protocols') or []
+    if isinstance(protocols, str):
+        protocols = [p.strip() for p in protocols.split(',') if p.strip()]
+        evaluation['protocols'] = protocols
+    unknown = [p for p in protocols if p not in KNOWN_PROTOCOLS]
+    if unknown:
+        raise PlanError(f'unknown protocol {unknown[0]!r}; known: {", ".join(KNOWN_PROTOCOLS)}')
+    fraction = _positive_number(evaluation.get('label_fraction', 1.0), 'label_fraction')
+    if fraction > 1:
+        raise PlanError(f'label_fraction must be in (0, 1], got {fraction}')
+
+
+def build_plan(order_text: str, config: dict) -> RunPlan:
+    """Validate the order and the config; resolve every stage's recipe."""
+    order = parse_order(order_text)
+    validate_config(config)
+    stages = [resolve_stage(task, config) for task in order]
+    if config.get('device') == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            raise PlanError('--device cuda requested but no CUDA device is available')
+    return RunPlan(order=order, stages=stages, config=config)

@@ -1,0 +1,68 @@
+"""The results store: one record per finished run, in SQLite by default or any SQLAlchemy URL.
+
+Each record keeps the identifying fields as columns (for queries and the leaderboard) and the whole
+``result.json`` as text, so nothing a run reported is lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+from .errors import EngineError
+
+_METADATA = sa.MetaData()
+RUNS = sa.Table(
+    'runs', _METADATA,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('created', sa.String(32), nullable=False),
+    sa.Column('ordering', sa.String(256), nullable=False),
+    sa.Column('dataset', sa.String(128), nullable=False),
+    sa.Column('downstream', sa.String(128), nullable=False),
+    sa.Column('seed', sa.Integer, nullable=False),
+    sa.Column('label_fraction', sa.Float, nullable=False),
+    sa.Column('result_json', sa.Text, nullable=False),
+)
+
+
+def default_results_url(work_root: str) -> str:
+    return f'sqlite:///{os.path.abspath(os.path.join(work_root, "results.db"))}'
+
+
+def _engine(url: str) -> sa.Engine:
+    try:
+        engine = sa.create_engine(url)
+        _METADATA.create_all(engine)
+    except Exception as exc:  # bad URL, missing driver, unreachable server
+        raise EngineError(f'cannot open results store {url!r}: {str(exc).splitlines()[0]}') from None
+    return engine
+
+
+def record_run(url: str, result: dict) -> int:
+    """Insert one run; returns its id."""
+    engine = _engine(url)
+    row = dict(created=result.get('created') or datetime.now(timezone.utc).isoformat(timespec='seconds'),
+               ordering=','.join(result['order']) or 'none', dataset=result['dataset'],
+               downstream=result.get('downstream_dataset', result['dataset']), seed=int(result['seed']),
+               label_fraction=float(result.get('label_fraction', 1.0)),
+               result_json=json.dumps(result, default=float))
+    with engine.begin() as connection:
+        new_id = connection.execute(RUNS.insert().values(**row)).inserted_primary_key[0]
+    engine.dispose()
+    return int(new_id)
+
+
+def load_runs(url: str) -> list[dict]:
+    """Every stored run's result dict (with its store id under ``_id``), oldest first."""
+    engine = _engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(RUNS.c.id, RUNS.c.result_json).order_by(RUNS.c.id)).all()
+    engine.dispose()
+    out = []
+    for run_id, text in rows:
+        result = json.loads(text)
+        result['_id'] = int(run_id)
+        out.append(result)
+    return out

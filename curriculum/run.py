@@ -1,0 +1,217 @@
+"""Run one curriculum: per stage an LR search and a training run (cached by stage key), then downstream evaluation.
+
+The scheduler is generic: it walks the planned stages, passing only the backbone file from one to the next, and
+never refers to a task by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from benchmarks.datasets import load_dataset
+from pretext_tasks.base import build_backbone
+
+from .cache import stage_dir, stage_key
+from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
+from .errors import CheckpointError
+from .lr_search import default_storage, search_lr
+from .plan import RunPlan
+from .results import record_run
+from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
+
+RESULT_FILE = 'result.json'
+
+
+def resolve_device(requested: str) -> str:
+    if requested == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return requested
+
+
+def versions() -> dict:
+    import mmengine
+    import mmpretrain
+    import optuna
+
+    out = {'python': platform.python_version(), 'torch': torch.__version__, 'mmengine': mmengine.__version__,
+           'mmpretrain': mmpretrain.__version__, 'optuna': optuna.__version__, 'numpy': np.__version__,
+           'platform': platform.platform()}
+    try:
+        import faiss
+        out['faiss'] = faiss.__version__
+        out['faiss_gpus'] = int(faiss.get_num_gpus())
+    except ImportError:
+        out['faiss'] = None
+    if torch.cuda.is_available():
+        out['cuda_device'] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _load_pretext_data(config: dict):
+    return load_dataset(config['dataset'], config.get('data_root'), image_size=int(config['image_size']),
+                        seed=int(config['seed']), **(config.get('dataset_options') or {}))
+
+
+def _load_downstream_data(config: dict, pretext):
+    name = config.get('downstream') or config['dataset']
+    root = config.get('downstream_root') if config.get('downstream') or config.get('downstream_root') \
+        else config.get('data_root')
+    options = config.get('downstream_options') or (config.get('dataset_options') if name == config['dataset']
+                                                   else {}) or {}
+    if name == config['dataset'] and root == config.get('data_root') and options == (
+            config.get('dataset_options') or {}):
+        return pretext
+    return load_dataset(name, root, image_size=int(config['image_size']), seed=int(config['seed']), **options)
+
+
+def _init_backbone_file(init_path: str, work_root: str) -> tuple[str, str]:
+    """Convert user weights (loaded weights-only) to an engine backbone file; returns (path, parent key)."""
+    digest = file_sha256(init_path)
+    target = os.path.join(work_root, 'init', f'{digest[:16]}.pth')
+    if not os.path.exists(target):
+        atomic_torch_save(load_user_weights(init_path), target)
+    return target, f'init:{digest}'
+
+
+def final_backbone(backbone_cfg: dict, backbone_file: str | None, seed: int) -> torch.nn.Module:
+    """The backbone evaluated downstream: the last stage's weights, or a seeded random initialisation."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(backbone_cfg)
+    if backbone_file:
+        state = load_checkpoint_file(backbone_file, map_location='cpu')
+        result = backbone.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f'{backbone_file}: weights do not match the backbone config '
+                                  f'(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})')
+    return backbone
+
+
+def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: str, init_path: str | None = None,
+                   optuna_storage: str | None = None, progress=None) -> dict:
+    """Execute ``plan``; write ``<work_dir>/result.json`` and one record in the results store; return the result."""
+    started = time.time()
+    config = plan.config
+    device = resolve_device(config['device'])
+    seed = int(config['seed'])
+    pretext = _load_pretext_data(config)
+    os.makedirs(work_dir, exist_ok=True)
+    os.makedirs(work_root, exist_ok=True)
+    storage = optuna_storage or default_storage(work_root)
+    inputs = StageInputs(
+        train_images=pretext.unlabeled('train').images,
+        val_images=pretext.unlabeled('val').images,
+        image_size=int(config['image_size']), backbone_cfg=dict(config['backbone']), seed=seed, device=device,
+        amp=str(config.get('amp') or 'none'), deterministic=bool(config.get('deterministic')),
+        channels_last=bool(config.get('channels_last', True)) and device == 'cuda')
+    knn_data = None
+    if (config.get('lr_search') or {}).get('objective') == 'knn':
+        train_idx, val_idx = pretext.indices('train'), pretext.indices('val')
+        knn_data = dict(train_images=pretext.images[train_idx], train_labels=pretext.labels[train_idx],
+                        val_images=pretext.images[val_idx], val_labels=pretext.labels[val_idx])
+    precision = f'{device}:{inputs.amp if device == "cuda" else "fp32"}:det={inputs.deterministic}'
+    search_cfg = dict(config.get('lr_search') or {})
+
+    parent_file, parent_key = (None, None)
+    if init_path:
+        parent_file, parent_key = _init_backbone_file(init_path, work_root)
+    stages = []
+    for index, stage in enumerate(plan.stages):
+        stage_started = time.time()
+        key = stage_key(parent_key, stage.task, stage.cfg, search_cfg, seed, pretext.fingerprint,
+                        inputs.image_size, inputs.backbone_cfg, precision)
+        directory = stage_dir(work_root, stage.task, key)
+        record_path = os.path.join(directory, STAGE_FILE)
+        if progress:
+            progress('stage', index + 1, len(plan.stages), {'task': stage.task, 'key': key})
+        if os.path.exists(record_path):
+            with open(record_path) as handle:
+                record = json.load(handle)
+            record.update(cache_hit=True, seconds=time.time() - stage_started)
+        else:
+            search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
+                               os.path.join(directory, 'lr_search'), progress, knn_data)
+            search_seconds = time.time() - stage_started
+            record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
+            record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
+                          train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
+            write_json_atomic(record_path, record)
+            record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
+        stages.append(record)
+        parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
+
+    downstream_data = _load_downstream_data(config, pretext)
+    backbone = final_backbone(inputs.backbone_cfg, parent_file, seed)
+    evaluation = dict(config.get('evaluation') or {})
+    from benchmarks.protocols import evaluate
+
+    if progress:
+        progress('downstream', 0, len(evaluation.get('protocols') or []), {'dataset': downstream_data.name})
+    downstream = evaluate(backbone, downstream_data, list(evaluation.get('protocols') or []),
+                          label_fraction=float(evaluation.get('label_fraction', 1.0)), seed=seed, device=device,
+                          epochs=evaluation.get('epochs'), batch_size=int(evaluation.get('batch_size', 64)))
+    result = {
+        'order': list(plan.order),
+        'dataset': pretext.name,
+        'downstream_dataset': downstream_data.name,
+        'seed': seed,
+        'label_fraction': float(evaluation.get('label_fraction', 1.0)),
+        'image_size': inputs.image_size,
+        'init': os.path.abspath(init_path) if init_path else None,
+        'stages': [_stage_summary(record) for record in stages],
+        'downstream': downstream,
+        'classes': list(downstream_data.class_names),
+        'split': {'origin': downstream_data.split_origin,
+                  **{name: int((downstream_data.split == name).sum()) for name in ('train', 'val', 'test')}},
+        'device': device,
+        'seconds': time.time() - started,
+        'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'config': config,
+        'config_hash': hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
+        'work_root': os.path.abspath(work_root),
+        'optuna_storage': storage,
+        'versions': versions(),
+    }
+    _write_result(work_dir, result)
+    result['results_id'] = record_run(results_url, result)
+    _write_result(work_dir, result, backup=False)
+    return result
+
+
+def _stage_summary(record: dict) -> dict:
+    search = record.get('lr_search') or {}
+    return {
+        'task': record['task'], 'lr': record['lr'], 'epochs': record['epochs'],
+        'lr_search': {'trials': search.get('trials', []), 'study': search.get('study'),
+                      'searched': search.get('searched', False),
+                      'iterations_per_trial': search.get('iterations_per_trial')},
+        'final_loss': record.get('final_loss'), 'first_loss': record.get('first_loss'),
+        'seconds': record.get('seconds'), 'lr_search_seconds': record.get('lr_search_seconds'),
+        'train_seconds': record.get('train_seconds'), 'cache_hit': bool(record.get('cache_hit')),
+        'key': record.get('key'), 'stage_dir': record.get('stage_dir'), 'history': record.get('history', []),
+    }
+
+
+def _write_result(work_dir: str, result: dict, backup: bool = True) -> None:
+    """Write result.json atomically; an earlier result is kept as ``result.<created>.json``, never overwritten."""
+    path = os.path.join(work_dir, RESULT_FILE)
+    if backup and os.path.exists(path):
+        try:
+            with open(path) as handle:
+                previous = json.load(handle).get('created', 'previous')
+        except (OSError, ValueError):
+            previous = 'unreadable'
+        stamp = str(previous).replace(':', '').replace('+', '_')
+        target = os.path.join(work_dir, f'result.{stamp}.json')
+        suffix = 1
+        while os.path.exists(target):
+            target = os.path.join(work_dir, f'result.{stamp}.{suffix}.json')
+            suffix += 1
+        os.replace(path, target)
+    write_json_atomic(path, result)

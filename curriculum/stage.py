@@ -1,0 +1,237 @@
+"""Train one pretext stage from its parent's backbone with the mmengine Runner.
+
+A stage directory holds the Runner's epoch checkpoints (written atomically, resumable after a kill), TensorBoard
+scalars, ``history.json`` (per-epoch means of every logged value) and, when the stage is complete,
+``backbone.pth`` (the only thing the next stage receives) followed by ``stage.json``. The same code path runs the
+short LR-search trials (iteration-based, no checkpoints, with an intermediate-report hook for pruning).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from mmengine.dataset import DefaultSampler
+from mmengine.dist import get_rank, get_world_size, is_distributed
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from torch.utils.data import DataLoader
+
+from pretext_tasks.data import IndexedImages, collate_batch
+from pretext_tasks.registry import build_task
+
+from .compat import EngineRunner, atomic_torch_save, install, load_checkpoint_file
+from .errors import CheckpointError, PlanError
+
+install()
+
+BACKBONE_FILE = 'backbone.pth'
+STAGE_FILE = 'stage.json'
+HISTORY_FILE = 'history.json'
+
+
+def unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def write_json_atomic(path: str, data) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as handle:
+        json.dump(data, handle, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+class StageProgressHook(Hook):
+    """Feeds (epoch, iteration) to the task before each step (seeded augmentation, error messages), keeps the
+    per-epoch history across resumes, and drives an optional progress callback."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, history_path: str | None, progress: Callable[[str, int, int, dict], None] | None = None):
+        self.history_path = history_path
+        self.progress = progress
+        self.history: list[dict] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def before_train(self, runner) -> None:
+        if self.history_path and os.path.exists(self.history_path):
+            with open(self.history_path) as handle:
+                self.history = json.load(handle)[:runner.epoch]
+
+    def before_train_epoch(self, runner) -> None:
+        self._sums, self._count = {}, 0
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        unwrap(runner.model).set_progress(runner.epoch, runner.iter)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        for key, value in (outputs or {}).items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+        self._count += 1
+        if self.progress:
+            self.progress('iter', runner.iter + 1, runner.max_iters, {})
+
+    def after_train_epoch(self, runner) -> None:
+        means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        means['epoch'] = runner.epoch + 1
+        self.history.append(means)
+        if self.history_path and get_rank() == 0:
+            write_json_atomic(self.history_path, self.history)
+        if self.progress:
+            self.progress('epoch', runner.epoch + 1, runner.max_epochs, means)
+
+
+class TrialReportHook(Hook):
+    """Reports the task's validation score to an Optuna trial at fixed iterations and prunes bad trials."""
+
+    priority = 'LOW'
+
+    def __init__(self, report_at: list[int], score_fn: Callable[[object], float], on_report):
+        self.report_at = set(report_at)
+        self.score_fn = score_fn
+        self.on_report = on_report
+        self.last_score: float | None = None
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        step = runner.iter + 1
+        if step in self.report_at:
+            self.last_score = self.score_fn(unwrap(runner.model))
+            self.on_report(self.last_score, step)  # may raise optuna.TrialPruned
+
+
+@dataclass
+class StageInputs:
+    """What a stage trains on."""
+
+    train_images: np.ndarray          # uint8 (N, S, S, C), unlabeled
+    val_images: np.ndarray            # uint8, for validation scores (LR search); never the test split
+    image_size: int
+    backbone_cfg: dict
+    seed: int
+    device: str                       # 'cpu' or 'cuda'
+    amp: str = 'none'
+    deterministic: bool = False
+    channels_last: bool = True
+
+
+def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_backbone: str | None):
+    """Instantiate the task and load the parent stage's backbone strictly."""
+    task = build_task(task_name, inputs.backbone_cfg, cfg, len(inputs.train_images), inputs.image_size, inputs.seed)
+    if parent_backbone:
+        state = load_checkpoint_file(parent_backbone, map_location='cpu')
+        if not isinstance(state, dict):
+            raise CheckpointError(f'{parent_backbone}: expected a backbone state dict')
+        task.load_backbone(state)
+    if inputs.channels_last:
+        task = task.to(memory_format=torch.channels_last)
+    return task
+
+
+def _loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    dataset = IndexedImages(images)
+    per_rank = len(dataset) // max(get_world_size(), 1)
+    if per_rank < batch_size:
+        raise PlanError(f'batch size {batch_size} exceeds the {per_rank} training images per process')
+    return DataLoader(dataset, batch_size=batch_size, sampler=DefaultSampler(dataset, shuffle=True, seed=seed),
+                      drop_last=True, collate_fn=collate_batch, num_workers=0)
+
+
+def _optim_wrapper(cfg: dict, lr: float, inputs: StageInputs) -> dict:
+    optimizer = dict(cfg['optimizer'])
+    optimizer['lr'] = float(lr)
+    wrapper = dict(type='OptimWrapper', optimizer=optimizer)
+    if inputs.device == 'cuda' and inputs.amp in ('bf16', 'fp16'):
+        wrapper = dict(type='AmpOptimWrapper', optimizer=optimizer,
+                       dtype='bfloat16' if inputs.amp == 'bf16' else 'float16')
+    if cfg.get('clip_grad'):
+        wrapper['clip_grad'] = dict(cfg['clip_grad'])
+    return wrapper
+
+
+def _runner(task, work_dir: str, loader: DataLoader, train_cfg: dict, optim_wrapper: dict, schedulers,
+            hooks: list, inputs: StageInputs, checkpoints: bool, tensorboard: bool) -> EngineRunner:
+    default_hooks = dict(
+        runtime_info=dict(type='RuntimeInfoHook'),
+        timer=dict(type='IterTimerHook'),
+        sampler_seed=dict(type='DistSamplerSeedHook'),
+        logger=dict(type='LoggerHook', interval=max(1, len(loader) // 4), log_metric_by_epoch=True),
+        param_scheduler=dict(type='ParamSchedulerHook'),
+        checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2, save_last=True) if checkpoints
+        else None,
+    )
+    visualizer = dict(type='Visualizer', name=f'vis-{uuid.uuid4().hex[:8]}',
+                      vis_backends=[dict(type='TensorboardVisBackend')] if tensorboard else [])
+    return EngineRunner(
+        model=task,
+        work_dir=work_dir,
+        experiment_name=f'{os.path.basename(work_dir)}-{uuid.uuid4().hex[:8]}',
+        train_dataloader=loader,
+        train_cfg=train_cfg,
+        optim_wrapper=optim_wrapper,
+        param_scheduler=schedulers,
+        default_hooks=default_hooks,
+        custom_hooks=hooks + list(unwrap(task).hooks()),
+        randomness=dict(seed=inputs.seed, deterministic=inputs.deterministic),
+        launcher='pytorch' if is_distributed() else 'none',
+        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl' if inputs.device == 'cuda' else 'gloo')),
+        default_scope='mmpretrain',
+        visualizer=visualizer,
+        log_level='WARNING',
+        resume=checkpoints,
+    )
+
+
+def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, parent_backbone: str | None,
+                stage_dir: str, progress=None) -> dict:
+    """Train (or resume) one stage; writes ``backbone.pth`` then ``stage.json`` and returns the stage record."""
+    os.makedirs(stage_dir, exist_ok=True)
+    started = time.time()
+    task = build_stage_task(task_name, cfg, inputs, parent_backbone)
+    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed)
+    epochs = int(cfg['epochs'])
+    schedulers = [dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs,
+                       eta_min=float(lr) * 1e-3, convert_to_iter_based=True)]
+    history_hook = StageProgressHook(os.path.join(stage_dir, HISTORY_FILE), progress)
+    runner = _runner(task, stage_dir, loader, dict(by_epoch=True, max_epochs=epochs, val_interval=epochs + 1),
+                     _optim_wrapper(cfg, lr, inputs), schedulers, [history_hook], inputs, checkpoints=True,
+                     tensorboard=True)
+    runner.train()
+    model = unwrap(runner.model)
+    history = history_hook.history
+    record = {
+        'task': task_name,
+        'lr': float(lr),
+        'epochs': epochs,
+        'final_loss': float(history[-1]['loss']) if history and 'loss' in history[-1] else None,
+        'first_loss': float(history[0]['loss']) if history and 'loss' in history[0] else None,
+        'history': history,
+        'seconds_this_process': time.time() - started,
+        'num_images': int(len(inputs.train_images)),
+        'batch_size': int(cfg['batch_size']),
+    }
+    if get_rank() == 0:
+        atomic_torch_save(model.backbone_state(), os.path.join(stage_dir, BACKBONE_FILE))
+    return record
+
+
+def run_trial(task_name: str, cfg: dict, lr: float, inputs: StageInputs, parent_backbone: str | None,
+              trial_dir: str, iterations: int, report_at: list[int], score: Callable[[object], float],
+              on_report) -> float:
+    """One LR-search trial: ``iterations`` steps at a constant ``lr`` from the parent backbone; returns the final
+    score (higher is better). ``on_report(score, step)`` may raise ``optuna.TrialPruned``."""
+    task = build_stage_task(task_name, cfg, inputs, parent_backbone)
+    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed)
+    report_hook = TrialReportHook(report_at, score, on_report)
+    runner = _runner(task, trial_dir, loader, dict(by_epoch=False, max_iters=iterations, val_interval=iterations + 1),
+                     _optim_wrapper(cfg, lr, inputs), [], [StageProgressHook(None), report_hook], inputs,
+                     checkpoints=False, tensorboard=False)
+    runner.train()
+    if report_hook.last_score is None:
+        report_hook.last_score = score(unwrap(runner.model))
+    return float(report_hook.last_score)

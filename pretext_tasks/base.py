@@ -1,0 +1,170 @@
+"""The interface every pretext task implements, and the machinery they share.
+
+A task is an mmengine ``BaseModel`` built from ``(backbone config, task config, number of images, image size,
+seed)``. It owns a backbone (the only thing the curriculum passes on to the next stage) plus whatever heads, necks,
+queues, memory banks or prototypes it needs (rebuilt for every stage). A training batch is
+``{'images': uint8 (B, H, W, C), 'indices': int64 (B,)}``: the task makes its own views on the batch's device with
+:mod:`pretext_tasks.augment`, from a generator seeded by (seed, rank, iteration) so a resumed run replays exactly.
+
+Following solo-learn's split of responsibilities, the base class holds the shared machinery (backbone building and
+strict weight loading, feature pooling, the seeded generator, the finite-loss check, the default validation score)
+and a task file only adds its own modules and :meth:`PretextTask.compute_loss`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.dist import get_rank
+from mmengine.model import BaseModel
+
+from .errors import NonFiniteLossError, PretextConfigError
+
+DEFAULT_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,))
+
+
+def build_backbone(cfg: dict | None) -> nn.Module:
+    """Any mmpretrain backbone from its config dict (ResNet-18 by default)."""
+    from mmpretrain.registry import MODELS
+    import mmpretrain.models  # noqa: F401  (registers the backbones)
+
+    cfg = dict(cfg or DEFAULT_BACKBONE)
+    try:
+        return MODELS.build(cfg)
+    except KeyError as exc:
+        raise PretextConfigError(f'unknown backbone type {cfg.get("type")!r}: {exc}') from None
+
+
+def pool_last(features: Any) -> torch.Tensor:
+    """Global-average-pool the last feature map an mmpretrain backbone returns (a tuple of maps)."""
+    last = features[-1] if isinstance(features, (tuple, list)) else features
+    if last.dim() == 4:
+        return last.mean(dim=(2, 3))
+    return last
+
+
+class PretextTask(BaseModel):
+    """Base class of the five pretext tasks (see the module docstring)."""
+
+    #: registered name (a contract used by ``--order``)
+    name: ClassVar[str] = ''
+
+    def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
+        super().__init__(data_preprocessor=dict(type='BaseDataPreprocessor'))
+        if num_images < 2:
+            raise PretextConfigError(f'{self.name}: needs at least 2 training images, got {num_images}')
+        self.task_cfg = dict(task_cfg or {})
+        self.num_images = int(num_images)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.iteration = 0
+        self.backbone = build_backbone(backbone)
+        self.feature_dim = self._probe_feature_dim()
+
+    # -- building -------------------------------------------------------------------------------------------
+    def _probe_feature_dim(self) -> int:
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            probe = torch.zeros(2, 3, self.image_size, self.image_size)
+            dim = pool_last(self.backbone(probe)).shape[1]
+        self.backbone.train(was_training)
+        return int(dim)
+
+    def cfg(self, key: str, default: Any = None) -> Any:
+        """A task hyper-parameter from the task config."""
+        return self.task_cfg.get(key, default)
+
+    # -- the backbone hand-over ------------------------------------------------------------------------------
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The backbone weights to pass to the next stage (CPU tensors)."""
+        return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+
+    def load_backbone(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a previous stage's backbone strictly: any missing or unexpected key is an error."""
+        result = self.backbone.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise PretextConfigError(
+                f'{self.name}: backbone weights do not match the configured backbone '
+                f'(missing: {result.missing_keys[:3]}{"..." if len(result.missing_keys) > 3 else ""}, '
+                f'unexpected: {result.unexpected_keys[:3]}{"..." if len(result.unexpected_keys) > 3 else ""})')
+        self.on_backbone_loaded()
+
+    def on_backbone_loaded(self) -> None:
+        """Called after :meth:`load_backbone`; tasks with a momentum copy of the backbone re-sync it here."""
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def set_progress(self, epoch: int, iteration: int) -> None:
+        """Called by the stage runner before every training iteration (0-based epoch, global iteration)."""
+        self.epoch, self.iteration = int(epoch), int(iteration)
+
+    def generator(self, device: torch.device, salt: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, rank, iteration, salt): augmentations replay identically after a resume."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + get_rank() * 7_919 + self.iteration * 104_729 + salt)
+                              % (2 ** 63 - 1))
+        return generator
+
+    def forward(self, inputs: dict, data_samples=None, mode: str = 'loss'):
+        if mode != 'loss':
+            raise PretextConfigError(f'{self.name}: only mode="loss" is supported, got {mode!r}')
+        images, indices = inputs['images'], inputs['indices']
+        losses = self.compute_loss(images, indices, self.generator(images.device))
+        self._check_finite(losses)
+        return losses
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            if 'loss' in key and not bool(torch.isfinite(value.detach()).all()):
+                raise NonFiniteLossError(
+                    f'task {self.name}: non-finite {key} ({float(value.detach().float().mean())}) at epoch '
+                    f'{self.epoch + 1}, iteration {self.iteration + 1}')
+
+    def compute_loss(self, images: torch.Tensor, indices: torch.Tensor,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One training step's losses (keys containing 'loss' are summed and optimised) and metrics (other keys,
+        e.g. ``pretext_acc``, are only logged). ``images`` is uint8 ``(B, H, W, C)`` on the model's device."""
+        raise NotImplementedError
+
+    def hooks(self) -> list:
+        """Extra mmengine hooks this task needs during its stage (e.g. ODC's memory, SwAV's queue)."""
+        return []
+
+    def batch_size_multiple(self) -> int:
+        """Batch sizes must divide into this (e.g. a queue length); 1 when there is no constraint."""
+        return 1
+
+    # -- validation (the LR-search objective) ------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_score(self, images: np.ndarray | torch.Tensor, batch_size: int = 128) -> float:
+        """Higher is better. Default: minus the mean :meth:`evaluation_loss` over ``images`` (uint8 NHWC) with
+        augmentations fixed by a seed, in eval mode and without touching any training state."""
+        device = next(self.parameters()).device
+        images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+        was_training = self.training
+        self.eval()
+        total, count = 0.0, 0
+        try:
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(device)
+                if len(batch) < 2:
+                    continue
+                generator = torch.Generator(device=device)
+                generator.manual_seed(12345 + start)
+                value = float(self.evaluation_loss(batch, generator))
+                total += value * len(batch)
+                count += len(batch)
+        finally:
+            self.train(was_training)
+        if count == 0:
+            raise PretextConfigError(f'{self.name}: validation needs at least 2 images')
+        score = -total / count
+        return score if math.isfinite(score) else float('-inf')
+
+    def evaluation_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The pretext loss on one batch WITHOUT side effects (no queue / memory / momentum update)."""
+        raise NotImplementedError
