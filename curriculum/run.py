@@ -142,6 +142,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
             record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
                           train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
             write_json_atomic(record_path, record)
+            _drop_epoch_checkpoints(directory)
             record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
         stages.append(record)
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
@@ -156,6 +157,14 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
     downstream = evaluate(backbone, downstream_data, list(evaluation.get('protocols') or []),
                           label_fraction=float(evaluation.get('label_fraction', 1.0)), seed=seed, device=device,
                           epochs=evaluation.get('epochs'), batch_size=int(evaluation.get('batch_size', 64)))
+    finetuned = (downstream.get('finetune') or {}).pop('model', None)
+    if finetuned is not None:
+        # kept for Grad-CAM / attention analysis of the run (loaded back only by this engine)
+        atomic_torch_save({'backbone': finetuned.backbone.state_dict(), 'head': finetuned.head.state_dict(),
+                           'backbone_cfg': inputs.backbone_cfg, 'classes': list(downstream_data.class_names)},
+                          os.path.join(work_dir, 'finetuned.pth'))
+    for metrics in downstream.values():
+        metrics.pop('model', None)
     result = {
         'order': list(plan.order),
         'dataset': pretext.name,
@@ -179,9 +188,40 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         'versions': versions(),
     }
     _write_result(work_dir, result)
+    _write_tensorboard(work_dir, result)
     result['results_id'] = record_run(results_url, result)
     _write_result(work_dir, result, backup=False)
     return result
+
+
+def _drop_epoch_checkpoints(directory: str) -> None:
+    """A finished stage needs only ``backbone.pth`` and ``stage.json``: its resume checkpoints (weights, optimizer
+    state, memory banks) are removed to keep sweeps of many orderings within disk limits."""
+    for name in os.listdir(directory):
+        if name.startswith('epoch_') and (name.endswith('.pth') or name.endswith('.pth.sha256')):
+            os.remove(os.path.join(directory, name))
+    last = os.path.join(directory, 'last_checkpoint')
+    if os.path.exists(last):
+        os.remove(last)
+
+
+def _write_tensorboard(work_dir: str, result: dict) -> None:
+    """Per-stage epoch curves and downstream metrics of this run as TensorBoard scalars in ``<work_dir>/tb``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(work_dir, 'tb'))
+    try:
+        for index, stage in enumerate(result['stages'], 1):
+            for entry in stage.get('history', []):
+                for key, value in entry.items():
+                    if key != 'epoch' and isinstance(value, (int, float)):
+                        writer.add_scalar(f'stage{index}_{stage["task"]}/{key}', value, entry['epoch'])
+        for protocol, metrics in result['downstream'].items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(f'downstream_{protocol}/{key}', value, 0)
+    finally:
+        writer.close()
 
 
 def _stage_summary(record: dict) -> dict:

@@ -39,8 +39,15 @@ class PreparedDataset:
         self.cache_dir = cache_dir
         self.images = decoded_images(records.source, self.image_size, cache_dir)
         if records.split is not None:
-            self.split = records.split
+            self.split = records.split.copy()
             self.split_origin = 'published'
+            if not (self.split == 'val').any() and (self.split == 'train').any():
+                # a published train/test split without val: carve val from train (grouped, stratified, 10 %)
+                train = np.flatnonzero(self.split == 'train')
+                groups = None if records.groups is None else records.groups[train]
+                carved = make_splits(records.labels[train], groups, seed, (0.9, 0.1, 0.0))
+                self.split[train[carved == 'val']] = 'val'
+                self.split_origin = f'published (val carved from train, seed {seed})'
         else:
             self.split = make_splits(records.labels, records.groups, seed, fractions)
             self.split_origin = f'generated (seed {seed}, {"grouped, " if records.groups is not None else ""}' \

@@ -1,0 +1,133 @@
+"""End-to-end tests of tools/run_curriculum.py: plan errors, the stage cache across orderings, kill and resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, 'tools', 'run_curriculum.py')
+# A small, fast configuration: 480 generated images at 32 px, one epoch per stage, one LR trial.
+SMALL = ['--image-size', '32', '--epochs', '1', '--lr-trials', '1', '--protocols', 'knn,linear', '--quiet',
+         '--cfg-options', 'dataset_options.num_images=480', 'tasks.rotation.batch_size=32',
+         'tasks.relloc.batch_size=32', 'tasks.odc.batch_size=32', 'tasks.moco.batch_size=32',
+         'lr_search.val_images=64']
+
+
+def run_tool(args, work_root, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, TOOL, '--work-root', str(work_root), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, **kwargs)
+
+
+def snapshot(folder):
+    """Every file below ``folder`` with its size and mtime."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            out[path] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--order', 'odc,bogus'], "unknown pretext task 'bogus'"),
+    (['--order', 'odc,odc'], "task 'odc' appears more than once"),
+    (['--order', ''], '--order is empty'),
+    (['--order', 'none,odc'], '"none" cannot be combined'),
+    (['--order', 'odc', '--cfg-options', 'tasks.odc.lr_range=[0.1,0.01]'], 'lr_range low 0.1 must be below high'),
+    (['--order', 'odc', '--epochs', '0'], 'epochs must be a positive integer'),
+    (['--order', 'odc', '--label-fraction', '1.5'], 'label_fraction must be in (0, 1]'),
+    (['--order', 'odc', '--protocols', 'linear,svm'], "unknown protocol 'svm'"),
+    (['--order', 'odc', '--config', 'missing.yaml'], 'config file not found: missing.yaml'),
+    (['--order', 'odc', '--dataset', 'nope'], "unknown dataset 'nope'"),
+    (['--order', 'odc', '--dataset', 'isic2019', '--data-root', '/nonexistent/isic'], '/nonexistent/isic'),
+    (['--order', 'odc', '--init', '/nonexistent/weights.pth'], 'not found: /nonexistent/weights.pth'),
+])
+def test_bad_input_one_line_exit_2_and_work_dir_untouched(tmp_path, args, fragment):
+    work_root = tmp_path / 'root'
+    existing = work_root / 'odc'
+    existing.mkdir(parents=True)
+    (existing / 'result.json').write_text('{"keep": true}')
+    before = snapshot(work_root)
+    proc = run_tool(args + ['--work-dir', str(existing)], work_root, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert snapshot(work_root) == before
+
+
+def test_prefix_cache_and_result_schema(tmp_path):
+    work_root = tmp_path / 'root'
+    first = run_tool(['--order', 'rotation', *SMALL], work_root, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_tool(['--order', 'rotation,relloc', *SMALL], work_root, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    single = json.loads((work_root / 'rotation' / 'result.json').read_text())
+    pair = json.loads((work_root / 'rotation,relloc' / 'result.json').read_text())
+    assert pair['order'] == ['rotation', 'relloc'] and pair['dataset'] == 'synthetic_derm'
+    assert [s['cache_hit'] for s in single['stages']] == [False]
+    assert [s['cache_hit'] for s in pair['stages']] == [True, False]
+    assert pair['stages'][0]['key'] == single['stages'][0]['key']
+    assert pair['stages'][0]['lr'] == single['stages'][0]['lr']
+    # the cached stage costs a small fraction of computing it
+    assert pair['stages'][0]['seconds'] < 0.2 * single['stages'][0]['seconds']
+    for stage in pair['stages']:
+        assert set(stage) >= {'task', 'lr', 'epochs', 'lr_search', 'final_loss', 'seconds', 'cache_hit'}
+        assert len(stage['lr_search']['trials']) == 1
+        assert set(stage['lr_search']['trials'][0]) == {'lr', 'score', 'state'}
+    for protocol in ('knn', 'linear'):
+        metrics = pair['downstream'][protocol]
+        assert set(metrics) >= {'balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa'}
+    assert pair['versions']['torch'] and pair['seed'] == 0
+    assert '| protocol |' in second.stdout
+    # one record per run in the results store
+    from curriculum.results import default_results_url, load_runs
+    runs = load_runs(default_results_url(str(work_root)))
+    assert [r['order'] for r in runs] == [['rotation'], ['rotation', 'relloc']]
+
+
+def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
+    args = ['--order', 'rotation,relloc', *SMALL, '--deterministic', '--epochs', '3']
+    reference_root = tmp_path / 'reference'
+    reference = run_tool(args, reference_root, timeout=1200)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = json.loads((reference_root / 'rotation,relloc' / 'result.json').read_text())
+
+    work_root = tmp_path / 'killed'
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, TOOL, '--work-root', str(work_root), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages = work_root / 'stages'
+    deadline = time.time() + 900
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        # the second stage has written its first epoch checkpoint: kill it mid-stage
+        if stages.exists() and any(p.name.startswith('relloc-') and (p / 'epoch_1.pth').exists()
+                                   for p in stages.iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    assert killed, 'the run ended before its second stage could be killed'
+    assert not (work_root / 'rotation,relloc' / 'result.json').exists()
+
+    resumed = run_tool(args, work_root, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads((work_root / 'rotation,relloc' / 'result.json').read_text())
+    assert [s['cache_hit'] for s in result['stages']] == [True, False]
+    history = result['stages'][1]['history']
+    assert [h['epoch'] for h in history] == [1, 2, 3]
+    for got, want in zip(result['stages'], expected['stages']):
+        assert got['lr'] == want['lr']
+        assert got['final_loss'] == pytest.approx(want['final_loss'], rel=1e-5, abs=1e-6)
+    for protocol, metrics in expected['downstream'].items():
+        assert result['downstream'][protocol]['balanced_accuracy'] == pytest.approx(
+            metrics['balanced_accuracy'], abs=1e-9)
