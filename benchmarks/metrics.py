@@ -172,3 +172,19 @@ def bootstrap_ci(y_true: np.ndarray, scores: np.ndarray, metric_fn: Callable[[np
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def test_metrics(y_true: np.ndarray, scores: np.ndarray, multilabel: bool, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict:
+    """Test-split metrics plus a 95 % percentile-bootstrap interval (over test images) of the headline metric,
+    stored as ``'<headline>_ci': [low, high]``: the confidence interval a single-seed result is reported with."""
+    result = compute_metrics(y_true, scores, multilabel)
+    headline = headline_metric(multilabel)
+
+    def headline_of(y, s):
+        return compute_metrics(y, s, multilabel)[headline] if multilabel else \
+            classification_metrics(y, s, np.asarray(s).shape[1])[headline]
+
+    if n_bootstrap > 0:
+        result[f'{headline}_ci'] = list(bootstrap_ci(y_true, scores, headline_of, n=n_bootstrap, seed=seed))
+    return result

@@ -102,3 +102,22 @@ def test_bootstrap_ci_brackets_point_estimate_and_is_seeded():
     low, high = bootstrap_ci(y, scores, fn, n=200, seed=0)
     assert low <= point <= high and high - low < 0.3
     assert bootstrap_ci(y, scores, fn, n=200, seed=0) == (low, high)
+
+
+def test_test_metrics_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_images():
+    from benchmarks.metrics import test_metrics
+
+    rng = np.random.RandomState(0)
+
+    def report(count):
+        y = rng.randint(0, 3, size=count)
+        scores = rng.rand(count, 3)
+        scores[np.arange(count), y] += 0.6  # a decent but imperfect classifier
+        return test_metrics(y, scores, multilabel=False, n_bootstrap=300)
+
+    small, large = report(100), report(3000)
+    for result in (small, large):
+        low, high = result['balanced_accuracy_ci']
+        assert low <= result['balanced_accuracy'] <= high
+    assert (large['balanced_accuracy_ci'][1] - large['balanced_accuracy_ci'][0]) < \
+        0.5 * (small['balanced_accuracy_ci'][1] - small['balanced_accuracy_ci'][0])

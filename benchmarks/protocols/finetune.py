@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import compute_metrics, headline_metric
+from ..metrics import compute_metrics, headline_metric, test_metrics
 from .features import Splits, autocast, feature_dim, image_batches, pooled_features, to_model_input
 from .linear import balanced_loss, labels_tensor, scores_from_logits, selection_value
 
@@ -176,7 +176,7 @@ def finetune(backbone: nn.Module, images_uint8, labels: np.ndarray, splits: Spli
         model.load_state_dict(best_state)
     model.eval()
     test_scores = predict_scores(model, images_uint8, splits.test, device, eval_batch_size)
-    result = compute_metrics(labels[splits.test], test_scores, multilabel)
+    result = test_metrics(labels[splits.test], test_scores, multilabel, seed=seed)
     result.update(val=best_val if best_val is not None else {}, best_epoch=best_epoch, val_history=history)
     return result, model
 

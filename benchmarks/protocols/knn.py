@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import compute_metrics, headline_metric
+from ..metrics import compute_metrics, headline_metric, test_metrics
 from .features import Splits, split_features
 
 DEFAULT_K = 20
@@ -74,8 +74,8 @@ def run(backbone: nn.Module, dataset, splits: Splits, *, device: torch.device | 
         temperature: float = DEFAULT_TEMPERATURE) -> dict:
     """kNN protocol: training features are the memory; returns test metrics, ``val`` metrics and ``k``.
 
-    Nothing is trained, so ``seed``, ``epochs`` and ``batch_size`` are unused."""
-    del seed, epochs, batch_size
+    Nothing is trained, so ``epochs`` and ``batch_size`` are unused; ``seed`` seeds the bootstrap interval."""
+    del epochs, batch_size
     if features is None:
         features = split_features(backbone, dataset, splits, device)
     labels = np.asarray(dataset.labels)
@@ -84,6 +84,8 @@ def run(backbone: nn.Module, dataset, splits: Splits, *, device: torch.device | 
     def metrics_of(split: str, idx: np.ndarray) -> dict:
         scores = knn_predict(features['train'], labels[splits.train], features[split], dataset.num_classes,
                              multilabel, k, temperature, device)
+        if split == 'test':
+            return test_metrics(labels[idx], scores, multilabel, seed=seed)
         return compute_metrics(labels[idx], scores, multilabel)
 
     result = metrics_of('test', splits.test)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import compute_metrics, headline_metric
+from ..metrics import compute_metrics, headline_metric, test_metrics
 from .features import Splits, split_features
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -136,7 +136,7 @@ def linear_probe_features(train_x: torch.Tensor, train_y: np.ndarray, val_x: tor
         if best is None or selection_value(val_metrics, multilabel) > selection_value(best[1], multilabel):
             best = (decay, val_metrics, layer)
     decay, val_metrics, layer = best
-    result = compute_metrics(test_y, predict_linear(layer, test_x, multilabel), multilabel)
+    result = test_metrics(test_y, predict_linear(layer, test_x, multilabel), multilabel)
     result.update(val=val_metrics, weight_decay=float(decay), val_grid=grid)
     return result
 
