@@ -6,6 +6,50 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+def add_run_arguments(parser) -> None:
+    """The flags shared by run_curriculum.py and leaderboard.py (everything but --order/--seed/--work-dir/--init)."""
+    parser.add_argument('--config', default=None, help='YAML config merged over configs/default.yaml')
+    parser.add_argument('--dataset', default=None, help='pretext dataset (default synthetic_derm)')
+    parser.add_argument('--data-root', default=None, help='folder (or .npz file) of the pretext dataset')
+    parser.add_argument('--downstream', default=None, help='downstream dataset (default: the pretext dataset)')
+    parser.add_argument('--downstream-root', default=None, help='data root of the downstream dataset')
+    parser.add_argument('--work-root', default='work_dirs', help='holds the stage cache, results and Optuna store')
+    parser.add_argument('--epochs', type=int, default=None, help='epochs of every stage (overrides the config)')
+    parser.add_argument('--lr-trials', type=int, default=None, help='LR-search trials per stage (0 = no search)')
+    parser.add_argument('--label-fraction', type=float, default=None, help='fraction of labeled train images')
+    parser.add_argument('--protocols', default=None, help='any of linear,finetune,knn')
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
+    parser.add_argument('--image-size', type=int, default=None)
+    parser.add_argument('--results', default=None, help='results store URL (default sqlite under --work-root)')
+    parser.add_argument('--optuna-storage', default=None, help='Optuna storage URL (default sqlite under --work-root)')
+    parser.add_argument('--deterministic', action='store_true', help='deterministic kernels (exact resume)')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='override config keys, mmengine style (dotted keys, YAML values)')
+
+
+def config_overrides(args) -> dict:
+    """Dotted config overrides from the shared flags and ``--cfg-options`` (flags win)."""
+    import yaml
+
+    options = {}
+    for pair in args.cfg_options:
+        if '=' not in pair:
+            raise ValueError(f'--cfg-options entry {pair!r} is not KEY=VALUE')
+        key, value = pair.split('=', 1)
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    flags = {
+        'dataset': args.dataset, 'data_root': args.data_root, 'downstream': args.downstream,
+        'downstream_root': args.downstream_root, 'epochs': args.epochs, 'lr_search.trials': args.lr_trials,
+        'evaluation.label_fraction': args.label_fraction, 'evaluation.protocols': args.protocols,
+        'seed': getattr(args, 'seed', None), 'device': args.device, 'image_size': args.image_size,
+    }
+    options.update({key: value for key, value in flags.items() if value is not None})
+    if args.deterministic:
+        options['deterministic'] = True
+    return options
+
+
 def fail(exc: BaseException) -> int:
     """Print ``error: <one line>`` to stderr and return exit code 2."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -66,3 +66,12 @@ def load_runs(url: str) -> list[dict]:
         result['_id'] = int(run_id)
         out.append(result)
     return out
+
+
+def update_run(url: str, run_id: int, result: dict) -> None:
+    """Replace the stored result of run ``run_id`` (e.g. after an attention analysis added its score)."""
+    engine = _engine(url)
+    with engine.begin() as connection:
+        connection.execute(RUNS.update().where(RUNS.c.id == int(run_id))
+                           .values(result_json=json.dumps(result, default=float)))
+    engine.dispose()

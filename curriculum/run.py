@@ -5,11 +5,13 @@ never refers to a task by name.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -130,20 +132,9 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         record_path = os.path.join(directory, STAGE_FILE)
         if progress:
             progress('stage', index + 1, len(plan.stages), {'task': stage.task, 'key': key})
-        if os.path.exists(record_path):
-            with open(record_path) as handle:
-                record = json.load(handle)
-            record.update(cache_hit=True, seconds=time.time() - stage_started)
-        else:
-            search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
-                               os.path.join(directory, 'lr_search'), progress, knn_data)
-            search_seconds = time.time() - stage_started
-            record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
-            record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
-                          train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
-            write_json_atomic(record_path, record)
-            _drop_epoch_checkpoints(directory)
-            record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
+        with stage_lock(directory):
+            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs,
+                                      search_cfg, storage, knn_data, progress, stage_started)
         stages.append(record)
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
 
@@ -185,6 +176,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         'config_hash': hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
         'work_root': os.path.abspath(work_root),
         'optuna_storage': storage,
+        'results_url': results_url,
         'versions': versions(),
     }
     _write_result(work_dir, result)
@@ -192,6 +184,39 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
     result['results_id'] = record_run(results_url, result)
     _write_result(work_dir, result, backup=False)
     return result
+
+
+@contextmanager
+def stage_lock(directory: str):
+    """An exclusive lock per stage (a file lock, released by the OS if the process dies): concurrent workers that
+    need the same stage compute it once; the others wait and then read it from the cache."""
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    with open(directory + '.lock', 'w') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs, search_cfg, storage,
+                     knn_data, progress, stage_started) -> dict:
+    """The stage's record from the cache, or an LR search and a training run that fill the cache."""
+    if os.path.exists(record_path):
+        with open(record_path) as handle:
+            record = json.load(handle)
+        record.update(cache_hit=True, seconds=time.time() - stage_started)
+    else:
+        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
+                           os.path.join(directory, 'lr_search'), progress, knn_data)
+        search_seconds = time.time() - stage_started
+        record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
+        record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
+                      train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
+        write_json_atomic(record_path, record)
+        _drop_epoch_checkpoints(directory)
+        record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
+    return record
 
 
 def _drop_epoch_checkpoints(directory: str) -> None:

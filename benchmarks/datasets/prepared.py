@@ -120,7 +120,8 @@ class PreparedDataset:
                 out.append(None)
                 continue
             mask = FileImageSource([path], channels=1).decode(0)
-            out.append(resize_uint8(mask, self.image_size, nearest=True)[..., 0] > 127)
+            threshold = 0 if mask.max() <= 1 else 127  # masks stored as 0/1 or as 0/255
+            out.append(resize_uint8(mask, self.image_size, nearest=True)[..., 0] > threshold)
         return out
 
 

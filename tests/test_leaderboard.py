@@ -1,0 +1,141 @@
+"""Leaderboard: curriculum labels, orderings, aggregation and rendering; end-to-end sweeps with shared workers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from curriculum.leaderboard import (all_orderings, build_leaderboards, curriculum_label, distinct_prefixes,
+                                    render_markdown, write_outputs)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, 'tools', 'leaderboard.py')
+SMALL = ['--image-size', '32', '--epochs', '1', '--lr-trials', '1', '--protocols', 'knn', '--quiet',
+         '--cfg-options', 'dataset_options.num_images=360', 'tasks.rotation.batch_size=32',
+         'tasks.relloc.batch_size=32', 'lr_search.val_images=32']
+
+
+def test_orderings_and_prefix_counts():
+    orderings = all_orderings(['relloc', 'moco', 'odc'], 3)
+    assert len(orderings) == 15
+    assert len(set(orderings)) == 15
+    assert len(distinct_prefixes(orderings)) == 15   # every ordering is itself a distinct prefix
+    two = all_orderings(['rotation', 'relloc'], 2)
+    assert two == [('rotation',), ('relloc',), ('rotation', 'relloc'), ('relloc', 'rotation')]
+    assert len(distinct_prefixes(two)) == 4
+
+
+@pytest.mark.parametrize('ordering, label', [
+    (('a',), '-'), (('a', 'b'), 'C'), (('b', 'a'), 'AC'), (('a', 'b', 'c'), 'C'), (('c', 'b', 'a'), 'AC'),
+    (('a', 'c', 'b'), 'MC'), (('b', 'a', 'c'), 'MC'), (('a', 'x'), '-'),
+])
+def test_curriculum_labels(ordering, label):
+    assert curriculum_label(ordering, {'a': 0.5, 'b': 0.6, 'c': 0.7}) == label
+
+
+def fake_result(order, seed, bacc, ci=None, init=None):
+    metrics = {'balanced_accuracy': bacc, 'accuracy': bacc + 0.05, 'macro_f1': bacc - 0.05, 'auc': 0.8,
+               'kappa': 0.3, 'headline': 'balanced_accuracy'}
+    if ci:
+        metrics['balanced_accuracy_ci'] = ci
+    return {'order': list(order), 'seed': seed, 'init': init, 'dataset': 'd', 'downstream_dataset': 'd',
+            'label_fraction': 1.0, 'config': {'seed': seed, 'x': 1}, 'downstream': {'linear': metrics},
+            'stages': []}
+
+
+def test_aggregation_over_seeds_labels_deltas_and_baselines(tmp_path):
+    results = []
+    for seed, noise in enumerate([0.0, 0.01, -0.01]):
+        results += [fake_result(['a'], seed, 0.50 + noise), fake_result(['b'], seed, 0.60 + noise),
+                    fake_result(['a', 'b'], seed, 0.66 + noise), fake_result(['b', 'a'], seed, 0.55 + noise),
+                    fake_result([], seed, 0.40 + noise)]
+    board, = build_leaderboards(results)
+    rows = {row.label: row for row in board.rows}
+    assert rows['a,b'].mean('balanced_accuracy') == pytest.approx(0.66)
+    low, high, how = rows['a,b'].interval('balanced_accuracy')
+    assert low < 0.66 < high and 'seeds' in how
+    text = render_markdown([board])
+    line = next(line for line in text.splitlines() if line.startswith('| a,b |'))
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    assert cells[1] == 'C' and cells[2] == '66.00' and cells[4] == '3'
+    assert cells[5] == '+16.00'           # δ vs its first task alone (a: 50.00)
+    assert cells[6] == 'yes'              # better than the scratch baseline ('none')
+    ac = next(line for line in text.splitlines() if line.startswith('| b,a |'))
+    assert ' AC ' in ac and '-5.00' in ac
+    assert 'curriculum (C)' in text
+    paths = write_outputs([board], str(tmp_path))
+    for path in paths.values():
+        assert os.path.getsize(path) > 0
+
+
+def test_single_seed_uses_the_bootstrap_interval():
+    board, = build_leaderboards([fake_result(['a'], 0, 0.5, ci=[0.45, 0.56])])
+    assert board.rows[0].interval('balanced_accuracy') == (0.45, 0.56, 'bootstrap over test images')
+
+
+def run_tool(args, work_root, **kwargs):
+    return subprocess.run([sys.executable, TOOL, '--work-root', str(work_root), *args], capture_output=True,
+                          text=True, cwd=REPO, **kwargs)
+
+
+def stored_runs(work_root):
+    connection = sqlite3.connect(os.path.join(work_root, 'results.db'))
+    rows = connection.execute('select ordering, seed, result_json from runs').fetchall()
+    connection.close()
+    return rows
+
+
+def test_sweep_two_tasks_runs_four_stages_reuses_two_and_writes_outputs(tmp_path):
+    work_root = tmp_path / 'root'
+    out = tmp_path / 'out'
+    proc = run_tool(['--tasks', 'rotation,relloc', '--max-len', '2', '--out', str(out), *SMALL], work_root,
+                    timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = stored_runs(work_root)
+    assert sorted(r[0] for r in rows) == ['none', 'relloc', 'relloc,rotation', 'rotation', 'rotation,relloc']
+    stages = [s for r in rows for s in json.loads(r[2])['stages']]
+    assert sum(not s['cache_hit'] for s in stages) == 4
+    assert sum(s['cache_hit'] for s in stages) == 2
+    for name in ('leaderboard.md', 'leaderboard.csv', 'leaderboard.html', 'leaderboard.png'):
+        assert (out / name).stat().st_size > 0
+    table = (out / 'leaderboard.md').read_text()
+    assert 'planned 4, run 4, reused from the prefix cache 2' in table
+    singles = {json.loads(r[2])['order'][0]: json.loads(r[2])['downstream']['knn']['balanced_accuracy']
+               for r in rows if r[0] in ('rotation', 'relloc')}
+    low, high = sorted(singles, key=singles.get)
+    labels = {line.split('|')[1].strip(): line.split('|')[2].strip() for line in table.splitlines()
+              if line.startswith('| ') and ',' in line.split('|')[1]}
+    if singles[low] != singles[high]:
+        assert labels[f'{low},{high}'] == 'C' and labels[f'{high},{low}'] == 'AC'
+    # a rerun reuses everything from the results store and re-renders only
+    again = run_tool(['--tasks', 'rotation,relloc', '--max-len', '2', '--out', str(out), *SMALL], work_root,
+                     timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(stored_runs(work_root)) == 5
+    rendered = run_tool(['--from-results', '--out', str(tmp_path / 'r')], work_root, timeout=300)
+    assert rendered.returncode == 0 and (tmp_path / 'r' / 'leaderboard.md').exists()
+
+
+def test_two_workers_one_killed_sweep_completes_each_ordering_once(tmp_path):
+    work_root = tmp_path / 'root'
+    args = ['--tasks', 'rotation,relloc', '--max-len', '1', '--baselines', 'none', '--seeds', '0,1',
+            '--heartbeat', '2', '--grace', '6', *SMALL]
+    base = [sys.executable, TOOL, '--work-root', str(work_root), *args]
+    first = subprocess.Popen(base + ['--worker'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    # kill the first worker as soon as it has started a job
+    line = first.stdout.readline()
+    assert line.startswith('[worker'), line
+    time.sleep(3)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    second = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert second.returncode == 0, second.stderr[-3000:]
+    keys = sorted((r[0], r[1]) for r in stored_runs(work_root))
+    assert keys == sorted([(o, s) for o in ('rotation', 'relloc', 'none') for s in (0, 1)])

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Run (or reuse) every ordering of some tasks and render leaderboards across orderings.
+
+    python tools/leaderboard.py --tasks relloc,moco,odc --max-len 3 [--out DIR] [--workers N] [--storage URL]
+        [--baselines none[,PATH]] [--seeds 0,1,2] [run_curriculum flags ...]
+    python tools/leaderboard.py --from-results [--results URL] [--out DIR]
+
+Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. Sweeps reuse the stage cache
+(a stage is run once per distinct prefix) and the results store (a finished ordering is not run again).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from curriculum.cli import add_run_arguments, config_overrides  # noqa: E402  (light imports only)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--tasks', default=None, help='comma-separated pretext tasks to order')
+    parser.add_argument('--max-len', type=int, default=None, help='longest ordering (default: all tasks)')
+    parser.add_argument('--out', default=None, help='output folder (default <work-root>/leaderboard)')
+    parser.add_argument('--workers', type=int, default=1, help='worker processes sharing the sweep')
+    parser.add_argument('--storage', default=None,
+                        help='queue storage URL shared by workers (default sqlite under --work-root)')
+    parser.add_argument('--baselines', default='none', help='none and/or local weight files (comma-separated)')
+    parser.add_argument('--seeds', default='0', help='comma-separated seeds')
+    parser.add_argument('--from-results', action='store_true', help='only render from the results store')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--heartbeat', type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument('--grace', type=int, default=60, help=argparse.SUPPRESS)
+    add_run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def build_jobs(args) -> list[dict]:
+    from curriculum.errors import PlanError
+    from curriculum.leaderboard import all_orderings
+    from curriculum.plan import parse_order
+
+    if not args.tasks:
+        raise PlanError('--tasks is required unless --from-results is given')
+    tasks = parse_order(args.tasks)
+    if not tasks:
+        raise PlanError('--tasks must name at least one pretext task')
+    max_len = args.max_len or len(tasks)
+    if max_len < 1:
+        raise PlanError(f'--max-len must be at least 1, got {max_len}')
+    try:
+        seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+    except ValueError:
+        raise PlanError(f'--seeds must be comma-separated integers, got {args.seeds!r}') from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise PlanError(f'--seeds must list non-negative integers, got {args.seeds!r}')
+    baselines = [b.strip() for b in (args.baselines or '').split(',') if b.strip()]
+    for base in baselines:
+        if base != 'none' and not os.path.isfile(base):
+            raise PlanError(f'baseline weights file not found: {base}')
+    jobs = []
+    for seed in seeds:
+        for ordering in all_orderings(tasks, max_len):
+            jobs.append({'order': ','.join(ordering), 'seed': seed, 'init': None})
+        for base in baselines:
+            jobs.append({'order': 'none', 'seed': seed, 'init': None if base == 'none' else os.path.abspath(base)})
+    return jobs
+
+
+def job_config(args, job: dict) -> dict:
+    from curriculum.plan import load_config
+
+    return load_config(args.config, {**config_overrides(args), 'seed': job['seed']})
+
+
+def run_job(args, job: dict, results_url: str) -> dict:
+    """Run one ordering unless the results store already holds it; returns its result."""
+    from curriculum.leaderboard import comparison_key, run_label
+    from curriculum.plan import build_plan
+    from curriculum.results import load_runs
+    from curriculum.run import run_curriculum
+
+    plan = build_plan(job['order'], job_config(args, job))
+    probe = {'config': plan.config, 'order': plan.order, 'init': job['init'], 'seed': job['seed']}
+    for stored in load_runs(results_url):
+        if (comparison_key(stored) == comparison_key(probe) and run_label(stored) == run_label(probe)
+                and stored['seed'] == job['seed']):
+            return stored
+    label = plan.label if not job['init'] else f'init-{os.path.basename(job["init"])}'
+    work_dir = os.path.join(args.work_root, 'sweeps', label, f'seed{job["seed"]}')
+    return run_curriculum(plan, work_dir, args.work_root, results_url, init_path=job['init'],
+                          optuna_storage=args.optuna_storage, progress=None)
+
+
+def work(args, queue_name: str, storage_url: str, results_url: str) -> int:
+    """Worker loop: take jobs from the shared queue until the sweep is complete."""
+    from curriculum.sweep import Heartbeat, SweepQueue, open_storage
+
+    storage = open_storage(storage_url, args.heartbeat, args.grace)
+    queue = SweepQueue(storage, queue_name)
+    while True:
+        taken = queue.take()
+        if taken is None:
+            return 0
+        trial, job = taken
+        print(f'[worker {os.getpid()}] {job["order"]} seed {job["seed"]}'
+              f'{" init " + job["init"] if job["init"] else ""}', flush=True)
+        with Heartbeat(storage, trial, max(1, args.heartbeat // 2)):
+            try:
+                result = run_job(args, job, results_url)
+            except BaseException:
+                queue.fail(trial)
+                raise
+        metrics = next(iter(result['downstream'].values()), {})
+        queue.finish(trial, metrics.get(metrics.get('headline', 'balanced_accuracy')))
+
+
+def stage_counts(results: list[dict], jobs: list[dict]) -> dict[str, int]:
+    from curriculum.leaderboard import distinct_prefixes
+
+    planned = 0
+    for seed in sorted({job['seed'] for job in jobs}):
+        orderings = [tuple(job['order'].split(',')) for job in jobs if job['seed'] == seed and job['order'] != 'none']
+        planned += len(distinct_prefixes(orderings))
+    stages = [stage for result in results for stage in result.get('stages', [])]
+    return {'planned': planned, 'run': sum(not s.get('cache_hit') for s in stages),
+            'reused': sum(bool(s.get('cache_hit')) for s in stages)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == 'cpu':
+        os.environ['CUDA_VISIBLE_DEVICES'] = ''
+    from curriculum.cli import fail
+    from curriculum.errors import USER_ERRORS, PlanError
+    from curriculum.results import default_results_url, load_runs
+
+    results_url = args.results or default_results_url(args.work_root)
+    out_dir = args.out or os.path.join(args.work_root, 'leaderboard')
+    try:
+        if args.from_results:
+            results, counts = load_runs(results_url), None
+        else:
+            jobs = build_jobs(args)
+            from curriculum.plan import build_plan
+            from curriculum.sweep import SweepQueue, open_storage, sweep_id
+
+            for job in jobs:  # validate every plan before any compute
+                build_plan(job['order'], job_config(args, job))
+            if args.workers < 1:
+                raise PlanError(f'--workers must be at least 1, got {args.workers}')
+            os.makedirs(args.work_root, exist_ok=True)
+            storage_url = args.storage or f'sqlite:///{os.path.abspath(os.path.join(args.work_root, "sweeps.db"))}'
+            name = f'sweep/{sweep_id(jobs, job_config(args, {"seed": 0}))}'
+            queue = SweepQueue(open_storage(storage_url, args.heartbeat, args.grace), name)
+            queue.fill(jobs)
+            if args.worker or args.workers == 1:
+                code = work(args, name, storage_url, results_url)
+            else:
+                argv_worker = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), '--worker']
+                procs = [subprocess.Popen(argv_worker) for _ in range(args.workers)]
+                code = max(proc.wait() for proc in procs)
+            if code:
+                return code
+            if args.worker:
+                return 0
+            wanted = {(job['order'], job['seed'], job['init']) for job in jobs}
+            results = [r for r in load_runs(results_url)
+                       if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted]
+            counts = stage_counts(results, jobs)
+    except (ValueError, *USER_ERRORS) as exc:
+        return fail(exc)
+    from curriculum.leaderboard import build_leaderboards, render_markdown, write_outputs
+
+    if not results:
+        return fail(PlanError(f'no results in {results_url}'))
+    boards = build_leaderboards(results, counts)
+    paths = write_outputs(boards, out_dir)
+    print(render_markdown(boards))
+    print(f'written: {", ".join(paths.values())}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
