@@ -176,7 +176,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         'config_hash': hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
         'work_root': os.path.abspath(work_root),
         'optuna_storage': storage,
-        'results_url': results_url,
+        'results_url': _public_url(results_url),
         'versions': versions(),
     }
     _write_result(work_dir, result)
@@ -217,6 +217,16 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         _drop_epoch_checkpoints(directory)
         record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
     return record
+
+
+def _public_url(url: str) -> str:
+    """A storage URL without its password (results are shared; credentials are not)."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: keep nothing that could hold a secret
+        return ''
 
 
 def _drop_epoch_checkpoints(directory: str) -> None:
