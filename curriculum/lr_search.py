@@ -27,12 +27,19 @@ def default_storage(work_root: str) -> str:
 
 
 def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    if kind == 'tpe':
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
     if kind == 'random':
         return optuna.samplers.RandomSampler(seed=seed)
-    # Scrambled Halton points spread a handful of trials evenly over the log-range (better than random for 3).
-    return optuna.samplers.QMCSampler(qmc_type='halton', scramble=True, seed=seed, warn_independent_sampling=False)
+    # 'tpe', and 'stratified' once its enqueued points are used up
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
+
+
+def stratified_lrs(low: float, high: float, count: int, seed: int) -> list[float]:
+    """``count`` learning rates, one drawn uniformly inside each of ``count`` equal bins of the log-range (a 1-D
+    Latin hypercube): a handful of trials cover the range evenly, which plain random sampling does not."""
+    rng = np.random.RandomState(seed)
+    positions = (np.arange(count) + rng.uniform(size=count)) / count
+    values = np.exp(np.log(low) + positions * (np.log(high) - np.log(low)))
+    return [float(v) for v in values]
 
 
 def _pruner(kind: str) -> optuna.pruners.BasePruner:
@@ -65,13 +72,16 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
     low, high = (float(v) for v in cfg['lr_range'])
     study_name = f'lr/{task_name}/{stage_key}'
     study = optuna.create_study(study_name=study_name, storage=storage, direction='maximize',
-                                sampler=_sampler(search_cfg.get('sampler', 'qmc'), inputs.seed),
+                                sampler=_sampler(search_cfg.get('sampler', 'stratified'), inputs.seed),
                                 pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
     study.set_user_attr('task', task_name)
     study.set_user_attr('lr_range', [low, high])
     # A trial left RUNNING by a killed process is marked failed so the dashboard and the count stay honest.
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 (storage API)
+    if search_cfg.get('sampler', 'stratified') == 'stratified' and not study.get_trials(deepcopy=False):
+        for lr in stratified_lrs(low, high, n_trials, inputs.seed):
+            study.enqueue_trial({'lr': lr})
     iterations_per_epoch = max(1, len(inputs.train_images) // int(cfg['batch_size']))
     iterations = max(2, int(round(float(search_cfg.get('trial_fraction', 0.2)) * iterations_per_epoch)))
     reports = max(1, int(search_cfg.get('reports', 2)))

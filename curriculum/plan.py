@@ -174,8 +174,8 @@ def validate_config(config: dict) -> None:
         raise PlanError(f'lr_search.trial_fraction must be in (0, 1], got {fraction}')
     if search.get('objective', 'pretext') not in ('pretext', 'knn'):
         raise PlanError(f'lr_search.objective must be pretext or knn, got {search.get("objective")!r}')
-    if search.get('sampler', 'qmc') not in ('qmc', 'tpe', 'random'):
-        raise PlanError(f'lr_search.sampler must be qmc, tpe or random, got {search.get("sampler")!r}')
+    if search.get('sampler', 'stratified') not in ('stratified', 'tpe', 'random'):
+        raise PlanError(f'lr_search.sampler must be stratified, tpe or random, got {search.get("sampler")!r}')
     if search.get('pruner', 'median') not in ('median', 'none'):
         raise PlanError(f'lr_search.pruner must be median or none, got {search.get("pruner")!r}')
     _positive_number(search.get('reports', 2), 'lr_search.reports', integer=True)

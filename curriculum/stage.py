@@ -183,7 +183,7 @@ def _runner(task, work_dir: str, loader: DataLoader, train_cfg: dict, optim_wrap
         default_scope='mmpretrain',
         visualizer=visualizer,
         log_level='WARNING',
-        resume=checkpoints,
+        resume=checkpoints and os.path.exists(os.path.join(work_dir, 'last_checkpoint')),
     )
 
 

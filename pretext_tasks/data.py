@@ -12,6 +12,9 @@ from torch.utils.data import Dataset
 
 
 class IndexedImages(Dataset):
+    #: mmengine's Runner and visualiser read a dataset's metainfo; unlabeled images have no classes
+    metainfo = {'labels': None}
+
     def __init__(self, images: np.ndarray | torch.Tensor):
         self.images = torch.as_tensor(np.ascontiguousarray(images)) if not torch.is_tensor(images) else images
 
