@@ -139,3 +139,31 @@ def test_two_workers_one_killed_sweep_completes_each_ordering_once(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     keys = sorted((r[0], r[1]) for r in stored_runs(work_root))
     assert keys == sorted([(o, s) for o in ('rotation', 'relloc', 'none') for s in (0, 1)])
+
+
+@pytest.mark.parametrize('backend', ['sqlite', 'postgresql'])
+def test_two_concurrent_workers_run_each_ordering_exactly_once(tmp_path, backend):
+    from postgres_server import available, postgres_server
+
+    reason = available() if backend == 'postgresql' else None
+    if reason:
+        if os.environ.get('REQUIRE_POSTGRES') == '1':
+            pytest.fail(f'REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {reason}')
+        pytest.skip(reason)
+    work_root = tmp_path / 'root'
+    args = ['--tasks', 'rotation,relloc', '--max-len', '1', '--baselines', 'none', '--workers', '2', *SMALL]
+    if backend == 'sqlite':
+        proc = run_tool(args, work_root, timeout=1500)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        keys = [(r[0], r[1]) for r in stored_runs(work_root)]
+    else:
+        import sqlalchemy as sa
+        with postgres_server() as url:
+            proc = run_tool(args + ['--storage', url, '--results', url], work_root, timeout=1500)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            engine = sa.create_engine(url)
+            with engine.connect() as connection:
+                keys = [tuple(row) for row in connection.execute(sa.text('select ordering, seed from runs'))]
+            engine.dispose()
+    assert sorted(keys) == [('none', 0), ('relloc', 0), ('rotation', 0)]
+    assert (work_root / 'leaderboard' / 'leaderboard.md').exists()
