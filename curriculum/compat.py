@@ -118,3 +118,35 @@ def load_user_weights(path: str) -> dict[str, torch.Tensor]:
             continue
         state[key] = value
     return state
+
+
+def patch_mmcv_adjust_hue() -> None:
+    """numpy 2 fix for ``mmcv.adjust_hue``: it computes ``np.uint8(hue_factor * 255)``, which raises
+    ``OverflowError`` for the negative hues ColorJitter samples in mmpretrain's MoCo/SwAV pipelines. The replacement
+    shifts the hue channel by the same amount modulo 256 (what the uint8 arithmetic meant). Idempotent."""
+    import cv2
+    import mmcv
+    import numpy as np
+    from PIL import Image
+
+    if getattr(mmcv.adjust_hue, '_engine_patched', False):
+        return
+
+    def adjust_hue(img, hue_factor, backend=None):
+        if not -0.5 <= hue_factor <= 0.5:
+            raise ValueError(f'hue_factor:{hue_factor} is not in [-0.5, 0.5].')
+        shift = np.uint8(int(hue_factor * 255) % 256)
+        if (backend or mmcv.image.io.imread_backend) == 'pillow':
+            pil = Image.fromarray(img[..., ::-1], mode='RGB')
+            h, s, v = pil.convert('HSV').split()
+            hue = np.array(h, dtype=np.uint8) + shift  # uint8 addition wraps around the hue circle
+            out = Image.merge('HSV', (Image.fromarray(hue, 'L'), s, v)).convert('RGB')
+            return np.array(out, dtype=img.dtype)[..., ::-1]
+        h, s, v = cv2.split(cv2.cvtColor(img.astype(np.uint8), cv2.COLOR_BGR2HSV_FULL))
+        merged = cv2.merge([(h.astype(np.uint8) + shift).astype(np.uint8), s, v])
+        return cv2.cvtColor(merged, cv2.COLOR_HSV2BGR_FULL).astype(img.dtype)
+
+    adjust_hue._engine_patched = True
+    mmcv.adjust_hue = adjust_hue
+    mmcv.image.adjust_hue = adjust_hue
+    mmcv.image.photometric.adjust_hue = adjust_hue
