@@ -6,8 +6,10 @@
     (pigment network, dots and globules, blue-grey regions, red lacunae, white scar or keratin centre, vessels) and
     texture (cerebriform ridges, scale). Every image also varies in nuisances: skin tone, lesion size, position and
     rotation, vignetting and dermatoscope frame, hair, ruler ticks, white balance / hue / brightness and JPEG-like
-    block quantisation. Class palettes overlap and the colour of every image is randomised, so the mean colour of an
-    image says little about its class: structure matters. ROI mask: the lesion.
+    block quantisation. Like real dermoscopy the camera frame has an orientation (light from above, rulers mostly at
+    the bottom, field of view set a little low), so rotation prediction has something to learn. Class palettes
+    overlap and the colour of every image is randomised, so the mean colour of an image says little about its class:
+    structure matters. ROI mask: the lesion.
 
 ``synthetic_cxr``
     Chest-X-ray-like grayscale images: body outline, two lung fields, mediastinum, heart (bulging to the patient's
@@ -40,7 +42,9 @@ from .errors import DatasetError
 from .registry import register_dataset
 
 #: bump whenever generated pixels, labels, groups or masks change (part of the cache key and the fingerprint)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: random-stream ids of the two generators (kept apart from the version so that a bump alone changes no image)
+_DERM_STREAM, _CXR_STREAM = (1, 1), (1, 2)
 
 DERM_CLASSES = ['MEL', 'NV', 'BCC', 'AK', 'BKL', 'DF', 'VASC', 'SCC']
 #: class frequencies (per lesion), mildly imbalanced like ISIC 2019 but every class >= 8 %
@@ -251,6 +255,14 @@ def _blur3(image: np.ndarray) -> np.ndarray:
     return (rows[:, :, :-2] * 0.25 + rows[:, :, 1:-1] * 0.5 + rows[:, :, 2:] * 0.25).astype(F32)
 
 
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] (clipped, in place) to rounded uint8."""
+    np.clip(image, 0.0, 1.0, out=image)
+    image *= 255.0
+    image += 0.5
+    return image.astype(np.uint8)
+
+
 def _dct_matrix() -> np.ndarray:
     k = np.arange(8)
     matrix = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / 16.0) * np.sqrt(2.0 / 8.0)
@@ -443,12 +455,16 @@ def _derm_parameters(rng: np.random.Generator, num_images: int, size: int) -> di
     params['hair_col'] = np.where(rng.random((n, 1)) < 0.85, rng.uniform(0.03, 0.15, (n, 1)) * [1.0, 0.8, 0.7],
                                   rng.uniform(0.5, 0.8, (n, 1)) * [1.0, 0.85, 0.7])
     params['ruler'] = rng.random(n) < 0.25
-    params['ruler_side'] = rng.integers(0, 4, n)
+    params['ruler_side'] = rng.choice(4, n, p=[0.55, 0.1, 0.1, 0.25])  # mostly bottom, then right
     params['ruler_tilt'] = rng.normal(0, 0.05, n)
     params['ruler_period'] = rng.uniform(0.07, 0.11, n)
     params['jpeg'] = np.where(rng.random(n) < 0.7, rng.uniform(0.01, 0.045, n), 0.0)  # 0: lossless
     params['noise_sd'] = rng.uniform(0.005, 0.025, n)
     params['pixel_noise_seed'] = rng.integers(0, 2**31, n)
+    # the camera's own orientation cues (as in real dermoscopy): lit from above, field of view set a little low
+    params['light'] = rng.uniform(0.04, 0.18, n)
+    params['light_angle'] = rng.normal(0, 0.3, n)
+    params['frame_dy'] = rng.uniform(0.0, 0.12, n)
     return params
 
 
@@ -536,15 +552,16 @@ def _render_derm(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     # fine structures at full resolution: pigment network, cerebriform fissures, vessels, dots
     if used('network'):
         # honeycomb-like mesh: three line families 60 degrees apart, warped by noise (strongly when atypical)
-        warp = 1.1 + strength('net_atypical') * 2.5
+        warp = 1.0 + strength('net_atypical') * 2.0
         freq = _c(p['net_freq'])
-        uu = u * freq + warp * (field('warp_u', 1.2) - 0.5)
-        vv = v * freq + warp * (field('warp_v', 1.2) - 0.5)
+        uu = u * freq + warp * (field('warp_u', 2.4) - 0.5)
+        vv = v * freq + warp * (field('warp_v', 2.4) - 0.5)
         grid = np.abs(np.sin(F32(np.pi) * uu))
         np.minimum(grid, np.abs(np.sin(F32(np.pi) * (0.5 * uu + 0.866 * vv))), out=grid)
         np.minimum(grid, np.abs(np.sin(F32(np.pi) * (0.5 * uu - 0.866 * vv))), out=grid)
-        width = _c(p['net_width']) * (1.0 + strength('net_atypical') * (field('cluster', 2.0) - 0.5) * 2.0)
-        lines = _smoothstep(width + 0.35, width, grid)
+        mottle = field('cluster', 2.0)
+        width = _c(p['net_width']) * (1.0 + strength('net_atypical') * (mottle - 0.5) * 2.0)
+        lines = _smoothstep(width + 0.35, width, grid) * (0.5 + mottle)
         window = (1.0 - 0.7 * _smoothstep(0.55, 1.0, d)) * (1.0 - _c(p['net_hole']) * _smoothstep(0.6, 0.3, d))
         colour *= (1.0 - 0.38 * lines * window * strength('network'))[:, None]
     if used('ridges'):
@@ -587,8 +604,9 @@ def _render_derm(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
         _mix(part, part * 0.4 + 0.6, (depth < 0.22) * F32(0.35))
         _mix(part, _rgb([0.0, 0.0, 0.0]), marks * F32(0.85))
         image[ruled] = part
-    r2 = x * x + y * y
-    image *= (1.0 - _c(p['vignette']) * r2 * 0.5)[:, None]
+    r2 = x * x + np.square(y - _c(p['frame_dy']))
+    lit = 1.0 - _c(p['light']) * (_c(np.cos(p['light_angle'])) * y + _c(np.sin(p['light_angle'])) * x)
+    image *= (lit - _c(p['vignette']) * r2 * 0.5)[:, None]
     frame = _c(p['frame'])
     image *= (1.0 - _smoothstep(frame - 0.04, frame + 0.04, np.sqrt(r2)) * 0.95)[:, None]
 
@@ -607,15 +625,14 @@ def _render_derm(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     noise_rng = np.random.default_rng(p['pixel_noise_seed'][0])
     grain = noise_rng.random((B, size, size), dtype=F32) - 0.5  # sensor noise, mostly in luminance
     image += (grain * (_c(p['noise_sd']) * 3.46))[:, None]
-    image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return image.transpose(0, 2, 3, 1), mask
+    return _to_uint8(image).transpose(0, 2, 3, 1), mask
 
 
 def generate_derm(num_images: int = DEFAULT_NUM_IMAGES, native_size: int = DEFAULT_NATIVE_SIZE, seed: int = 0) \
         -> dict[str, np.ndarray]:
     """Generate ``synthetic_derm`` in memory: ``images`` (N, S, S, 3) uint8, ``labels`` (N,), ``groups`` (N,),
     ``masks`` (N, S, S) bool."""
-    rng = np.random.default_rng([GENERATOR_VERSION, 1, seed])
+    rng = np.random.default_rng([*_DERM_STREAM, seed])
     params = _derm_parameters(rng, num_images, native_size)
     return _render_all(params, native_size, 3, _render_derm)
 
@@ -676,7 +693,6 @@ def _cxr_parameters(rng: np.random.Generator, num_images: int, size: int) -> dic
 
 def _render_cxr(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Render one chunk of CXR images: ``(B, S, S, 1)`` uint8 and the lung-field masks."""
-    B = len(p['label'])
     grids = _Grids(size)
     x, y = grids.x, grids.y
     zoom, rot = _c(p['zoom']), _c(p['rot'])
@@ -689,8 +705,9 @@ def _render_cxr(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     noise = p['noise']
 
     # body: soft tissue, thicker in the middle, shoulders at the top, arms at the sides
-    torso = (ax / (body_w * (1.0 - 0.08 * _smoothstep(-0.2, 1.0, Y)))) ** 4 + (np.abs(Y - 0.15) / 1.3) ** 6
-    body = _smoothstep(1.05, 0.95, torso)
+    across = np.square(ax / (body_w * (1.0 - 0.08 * _smoothstep(-0.2, 1.0, Y))))
+    along = np.square((Y - 0.15) / 1.3)
+    body = _smoothstep(1.05, 0.95, across * across + along * along * along)  # a superellipse
     arms = _smoothstep(body_w + 0.02, body_w + 0.06, ax) * _smoothstep(0.3, -0.1, Y)
     body = np.maximum(body, arms * 0.8)
     density = body * (0.36 + 0.14 * np.sqrt(np.clip(1.0 - (X / body_w) ** 2, 0, 1)))
@@ -792,14 +809,13 @@ def _render_cxr(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     noise_rng = np.random.default_rng(p['pixel_noise_seed'][0])
     grain = (noise_rng.random(image.shape, dtype=F32) - 0.5) * 3.46
     image += grain * _c(p['noise_sd'])
-    out = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return out[..., None], mask
+    return _to_uint8(image)[..., None], mask
 
 
 def generate_cxr(num_images: int = DEFAULT_NUM_IMAGES, native_size: int = DEFAULT_NATIVE_SIZE, seed: int = 0) \
         -> dict[str, np.ndarray]:
     """Generate ``synthetic_cxr`` in memory: ``images`` (N, S, S, 1) uint8, ``labels``, ``groups``, ``masks``."""
-    rng = np.random.default_rng([GENERATOR_VERSION, 2, seed])
+    rng = np.random.default_rng([*_CXR_STREAM, seed])
     params = _cxr_parameters(rng, num_images, native_size)
     return _render_all(params, native_size, 1, _render_cxr)
 
@@ -847,23 +863,33 @@ def _options(name: str, options: dict) -> tuple[int, int, int]:
 
 
 def _read_cache(path: str, num_images: int, size: int, channels: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing, unreadable or of another shape (then regenerated)."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in ('images', 'labels', 'groups', 'masks')}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        shapes_ok = (arrays['images'].shape == (num_images, size, size, channels)
+                     and arrays['images'].dtype == np.uint8 and arrays['labels'].shape == (num_images,)
+                     and arrays['groups'].shape == (num_images,)
+                     and arrays['masks'].shape == (num_images, size, (size + 7) // 8))
+        if not shapes_ok:
+            return None
+        arrays['masks'] = np.unpackbits(arrays['masks'], axis=-1, count=size).astype(bool)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if arrays['images'].shape != (num_images, size, size, channels) or arrays['images'].dtype != np.uint8:
-        return None
-    arrays['masks'] = np.unpackbits(arrays['masks'], axis=-1, count=size).astype(bool)
     return arrays
 
 
 def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = f'{path}.{os.getpid()}.tmp.npz'
-    np.savez(tmp, images=arrays['images'], labels=arrays['labels'], groups=arrays['groups'],
-             masks=np.packbits(arrays['masks'], axis=-1))
+    """Write an uncompressed ``.npz`` without pickling (any numpy version), atomically (temporary file, then
+    ``os.replace``)."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    stored = dict(arrays, masks=np.packbits(arrays['masks'], axis=-1))
+    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as archive:
+        for key in ('images', 'labels', 'groups', 'masks'):
+            with archive.open(f'{key}.npy', 'w', force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.ascontiguousarray(stored[key]), allow_pickle=False)
     os.replace(tmp, path)
 
 
@@ -877,13 +903,15 @@ def _write_masks(folder: str, masks: np.ndarray) -> list[str]:
         os.makedirs(tmp)
         pixels = masks.astype(np.uint8) * 255
         for name, mask in zip(names, pixels):
-            Image.fromarray(mask, mode='L').save(os.path.join(tmp, name), compress_level=1)
+            Image.fromarray(mask).save(os.path.join(tmp, name), compress_level=1)
         open(os.path.join(tmp, 'complete'), 'w').close()
-        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier attempt
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(done):  # else another process finished first
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier attempt
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process renamed its copy in between
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return [os.path.join(folder, name) for name in names]
 
 
