@@ -1,0 +1,437 @@
+"""Speed measurements of the engine: the device's FLOP ceiling, our pretext training steps, k-means.
+
+Used by ``tools/benchmark.py`` (which also measures mmpretrain's own MoCo/SwAV pipelines with
+:mod:`benchmarks.speed_peer` and the sweep cache / LR-search cost with :mod:`benchmarks.speed_sweep`).
+
+What "our training step" means here: a DataLoader over :class:`pretext_tasks.data.IndexedImages` built by the stage
+runner's own ``curriculum.stage._loader``, the task built by ``curriculum.stage.build_stage_task`` (same
+channels-last rule as ``curriculum/run.py``: only on CUDA), the optimiser wrapper built by mmengine from the stage
+runner's ``_optim_wrapper`` config, ``set_progress`` before every step and the task's own hooks called at the
+Runner's points with a minimal stand-in for the Runner. Batch loading, augmentation, forward, backward, the optimiser
+step and the hooks are all inside the timed loop; one-off set-up (building the model, a hook's ``before_train``
+such as ODC's memory initialisation) is timed separately.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
+backward; element-wise work is not counted), so "fraction of the ceiling" is
+``counted FLOPs per second / measured large-matmul FLOPs per second``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+IMAGE_SIZE = 64
+BATCH_SIZE = 64
+#: conv / matrix-product kernels: the operations FlopCounterMode counts (forward and backward)
+FLOP_KERNEL_PATTERN = re.compile(r'conv|(^|::|_)(mm|addmm|bmm|matmul|linear|baddbmm)($|_|\b)|einsum', re.I)
+TASKS = ('relloc', 'rotation', 'moco', 'swav', 'odc')
+#: each task's view-making method (uint8 batch, generator) -> views, timed alone as "augmentation"
+VIEW_METHODS = {'rotation': 'make_views', 'relloc': 'make_patches', 'moco': '_views', 'swav': '_crops',
+                'odc': '_view'}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info(device: str = 'cpu') -> dict:
+    """Platform, CPU count, torch threads (and the GPU name on CUDA)."""
+    info = {
+        'platform': platform.platform(),
+        'processor': _cpu_model() or platform.processor(),
+        'python': platform.python_version(),
+        'torch': torch.__version__,
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'torch_interop_threads': torch.get_num_interop_threads(),
+        'omp_num_threads_env': os.environ.get('OMP_NUM_THREADS'),
+        'device': device,
+    }
+    if device == 'cuda' and torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open('/proc/cpuinfo') as handle:
+            for line in handle:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def entry_meta(command: str, device: str, quick: bool) -> dict:
+    """What every JSON entry records: the command, the date, the machine, the load average, the quick flag."""
+    return {'command': command, 'date': now_iso(), 'machine': machine_info(device), 'load_average': load_average(),
+            'quick': bool(quick)}
+
+
+def synchronize(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ceiling
+# ----------------------------------------------------------------------------------------------------------------
+def matmul_flops(device: str = 'cpu', size: int = 2048, repeats: int = 5, dtype=torch.float32) -> dict:
+    """FLOP/s of a large square fp32 matmul (best of ``repeats``; ``2 n^3`` FLOPs each)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * size ** 3
+    return {'flops_per_s': flops / min(times), 'size': size, 'repeats': repeats,
+            'median_flops_per_s': flops / float(np.median(times)), 'dtype': str(dtype).replace('torch.', '')}
+
+
+def count_flops(fn) -> tuple[float, object]:
+    """Total FLOPs FlopCounterMode counts while ``fn()`` runs, and ``fn``'s return value."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return float(counter.get_total_flops()), out
+
+
+def backbone_forward_flops(backbone_cfg: dict | None = None, image_size: int = IMAGE_SIZE) -> float:
+    """Forward conv/linear FLOPs of the backbone (ResNet-18 by default) for ONE image of ``image_size`` px."""
+    from pretext_tasks.base import build_backbone
+
+    backbone = build_backbone(backbone_cfg)
+    backbone.eval()  # (mmpretrain's ResNet.train() returns None, so no chaining)
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: backbone(torch.zeros(2, 3, image_size, image_size)))
+    return flops / 2
+
+
+def ceiling(device: str, quick: bool, image_size: int = IMAGE_SIZE) -> dict:
+    """Measured matmul FLOP/s, backbone FLOPs per image and the FLOP-bound training images/s."""
+    mm = matmul_flops(device, size=1024 if quick else 2048, repeats=3 if quick else 7)
+    forward = backbone_forward_flops(None, image_size)
+    step = 3.0 * forward
+    return {
+        'matmul_flops_per_s': mm['flops_per_s'],
+        'matmul': mm,
+        'backbone': 'mmpretrain ResNet-18 (out_indices=(3,), no classifier)',
+        'image_size': image_size,
+        'backbone_forward_flops_per_image': forward,
+        'training_step_flops_per_image': step,
+        'training_step_rule': 'forward x 3 (forward + backward of activations and weights)',
+        'flop_bound_images_per_s': mm['flops_per_s'] / step,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# our training step
+# ----------------------------------------------------------------------------------------------------------------
+def task_config(task: str, batch_size: int = BATCH_SIZE) -> tuple[dict, str]:
+    """The task's recipe (``configs/tasks/<task>.yaml``) with the benchmark's batch size, and where it came from."""
+    from curriculum.errors import PlanError
+    from curriculum.plan import task_recipe
+
+    try:
+        cfg, source = task_recipe(task), f'configs/tasks/{task}.yaml'
+    except PlanError:
+        cfg, source = {}, 'task defaults (no configs/tasks recipe found)'
+    cfg = dict(cfg)
+    cfg['batch_size'] = int(batch_size)
+    cfg.setdefault('lr', 0.05)
+    cfg.setdefault('optimizer', {'type': 'SGD', 'momentum': 0.9, 'weight_decay': 1e-4})
+    return cfg, source
+
+
+class HookDriver:
+    """Calls a task's mmengine hooks at the Runner's points, with a minimal stand-in for the Runner (the fields
+    the tasks' hooks read: model, epoch, iter, max_epochs, max_iters, work_dir, logger, rank, world_size,
+    train_dataloader, optim_wrapper)."""
+
+    def __init__(self, task, loader, optim_wrapper, work_dir: str, max_iters: int):
+        self.hooks = list(task.hooks())
+        self.runner = SimpleNamespace(model=task, epoch=0, iter=0, max_epochs=1, max_iters=max_iters,
+                                      work_dir=work_dir, logger=logging.getLogger('benchmark'), rank=0,
+                                      world_size=1, train_dataloader=loader, optim_wrapper=optim_wrapper)
+
+    def call(self, name: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, name)(self.runner, *args)
+
+
+def _cycle(loader):
+    epoch = 0
+    while True:
+        sampler = getattr(loader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class OurTraining:
+    """One task set up exactly as a stage trains it, stepped by hand (see the module docstring)."""
+
+    def __init__(self, task_name: str, images: np.ndarray, device: str = 'cpu', batch_size: int = BATCH_SIZE,
+                 seed: int = 0, channels_last: bool | None = None, work_dir: str | None = None):
+        from curriculum.stage import StageInputs, _loader, _optim_wrapper, build_stage_task
+        from mmengine.optim import build_optim_wrapper
+        from pretext_tasks.base import DEFAULT_BACKBONE
+
+        self.task_name, self.device, self.batch_size = task_name, device, int(batch_size)
+        self.cfg, self.recipe_source = task_config(task_name, batch_size)
+        image_size = int(images.shape[1])
+        inputs = StageInputs(train_images=images, val_images=images[:batch_size], image_size=image_size,
+                             backbone_cfg=dict(DEFAULT_BACKBONE), seed=seed, device=device,
+                             channels_last=(device == 'cuda') if channels_last is None else bool(channels_last))
+        self.channels_last = inputs.channels_last
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        self.task = build_stage_task(task_name, self.cfg, inputs, None).to(device)
+        self.loader = _loader(images, self.batch_size, seed)
+        self.optim_wrapper = build_optim_wrapper(self.task, _optim_wrapper(self.cfg, float(self.cfg['lr']), inputs))
+        self._own_dir = work_dir is None
+        self.work_dir = work_dir or tempfile.mkdtemp(prefix=f'bench-{task_name}-')
+        self.driver = HookDriver(self.task, self.loader, self.optim_wrapper, self.work_dir, max_iters=10 ** 6)
+        self.task.train()
+        self.build_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        self.driver.call('before_train')
+        self.driver.call('before_train_epoch')
+        self.before_train_seconds = time.perf_counter() - started
+        self.batches = _cycle(self.loader)
+        self.iteration = 0
+
+    def step(self) -> dict:
+        batch = next(self.batches)
+        runner = self.driver.runner
+        runner.iter = self.iteration
+        self.task.set_progress(0, self.iteration)
+        self.driver.call('before_train_iter', self.iteration, batch)
+        log = self.task.train_step(batch, self.optim_wrapper)
+        self.driver.call('after_train_iter', self.iteration, batch, log)
+        values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in log.items()}  # as the Runner logs
+        self.iteration += 1
+        return values
+
+    def augmentation_seconds(self, repeats: int = 2) -> float | None:
+        """Seconds per batch of the task's view making alone (best of ``repeats``), or None when the task has no
+        known view method."""
+        method = getattr(self.task, VIEW_METHODS.get(self.task_name, ''), None)
+        if method is None:
+            return None
+        images = next(self.batches)['inputs']['images'].to(self.device)
+        best = float('inf')
+        with torch.no_grad():
+            for repeat in range(repeats):
+                generator = self.task.generator(torch.device(self.device), salt=repeat)
+                synchronize(self.device)
+                started = time.perf_counter()
+                method(images, generator)
+                synchronize(self.device)
+                best = min(best, time.perf_counter() - started)
+        return best
+
+    def close(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def timed_steps(step, warmup: int, steps: int, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) for ``steps`` calls of ``step()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def profile_steps(step, steps: int, device: str, top: int = 12) -> dict:
+    """torch.profiler over ``steps`` calls of ``step()``: the top operators by self time and the share of time in
+    the FLOP-counted kernels (convolutions, matrix products) versus everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = time.perf_counter() - started
+    rows = []
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if device == 'cuda' else event.self_cpu_time_total
+        rows.append((event.key, float(self_us), int(event.count)))
+    total = sum(r[1] for r in rows) or 1.0
+    kernel = sum(r[1] for r in rows if FLOP_KERNEL_PATTERN.search(r[0]))
+    rows.sort(key=lambda r: -r[1])
+    return {
+        'steps': steps,
+        'wall_seconds': wall,
+        'profiled_op_seconds': total / 1e6,
+        'flop_kernel_seconds': kernel / 1e6,
+        'flop_kernel_share': kernel / total,
+        'time_basis': 'self device time' if device == 'cuda' else 'self CPU time of the calling threads',
+        'top': [{'op': name, 'self_ms': round(us / 1e3 / steps, 3), 'share': round(us / total, 4),
+                 'calls': calls // steps} for name, us, calls in rows[:top]],
+    }
+
+
+def throughput(flops_per_step: float, wall: float, cpu: float, steps: int, batch_size: int,
+               matmul_flops_per_s: float) -> dict:
+    """Images/s, FLOPs per image, achieved FLOP/s and its fraction of the matmul rate of ``steps`` timed steps."""
+    achieved = flops_per_step * steps / wall
+    return {
+        'images_per_s': steps * batch_size / wall,
+        'seconds_per_step': wall / steps,
+        'batch_size': batch_size,
+        'steps_timed': steps,
+        'flops_per_image_step': flops_per_step / batch_size,
+        'achieved_flops_per_s': achieved,
+        'fraction_of_ceiling': achieved / matmul_flops_per_s,
+        'flop_bound_images_per_s': matmul_flops_per_s / (flops_per_step / batch_size),
+        'cpu_seconds_per_step': cpu / steps,
+        'cpu_utilisation': cpu / wall / max(1, torch.get_num_threads()),
+    }
+
+
+def add_profile(result: dict, profiled: dict | None, flops_per_step: float, matmul_flops_per_s: float) -> None:
+    """Attach a profile and the kernel efficiency: FLOP-counted kernels run at ``kernel_efficiency`` of the
+    matmul rate for ``flop_kernel_share`` of the op time; the rest (batch norm, element-wise work, augmentation,
+    the optimiser, Python) does no counted FLOPs."""
+    if not profiled:
+        return
+    kernel_s = profiled['flop_kernel_seconds'] / profiled['steps']
+    if kernel_s > 0:
+        profiled['kernel_efficiency'] = flops_per_step / kernel_s / matmul_flops_per_s
+    result['profile'] = profiled
+
+
+def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: float, steps: int,
+               warmup: int, matmul_flops_per_s: float, profiled: dict | None, augment_s: float | None) -> dict:
+    result = throughput(flops_per_step, wall, cpu, steps, training.batch_size, matmul_flops_per_s)
+    result.update({
+        'warmup_steps': warmup,
+        'image_size': int(training.loader.dataset.images.shape[1]),
+        'num_images': int(len(training.loader.dataset)),
+        'build_seconds': training.build_seconds,
+        'before_train_seconds': training.before_train_seconds,
+        'channels_last_model': bool(training.channels_last),
+        'recipe': training.recipe_source,
+        'optimizer': dict(training.cfg['optimizer']),
+        'lr': float(training.cfg['lr']),
+        'hooks': [type(h).__name__ for h in training.driver.hooks],
+        'augment_seconds_per_batch': augment_s,
+        'augment_share_of_step': None if augment_s is None else augment_s / (wall / steps),
+    })
+    add_profile(result, profiled, flops_per_step, matmul_flops_per_s)
+    return result
+
+
+def measure_pretext(task_name: str, images: np.ndarray, matmul_flops_per_s: float, device: str = 'cpu',
+                    batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 8, profile: int = 1,
+                    seed: int = 0, channels_last: bool | None = None) -> dict:
+    """Images/s of our training step for one task, FLOPs per image actually processed, fraction of the ceiling
+    and (``profile`` > 0 steps) a profile. The first warm-up step is the one whose FLOPs are counted."""
+    warmup = max(1, warmup)
+    training = OurTraining(task_name, images, device, batch_size, seed, channels_last)
+    try:
+        flops_per_step, _ = count_flops(training.step)
+        wall, cpu = timed_steps(training.step, warmup - 1, steps, device)
+        profiled = profile_steps(training.step, profile, device) if profile else None
+        augment_s = training.augmentation_seconds()
+    finally:
+        training.close()
+    return our_result(training, flops_per_step, wall, cpu, steps, warmup, matmul_flops_per_s, profiled, augment_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# k-means
+# ----------------------------------------------------------------------------------------------------------------
+def clustered_features(n: int, dim: int, centres: int, seed: int = 0) -> np.ndarray:
+    """Gaussian blobs (features with cluster structure, like a backbone's), float32."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim)).astype(np.float32)
+    labels = rng.integers(0, centres, n)
+    return (means[labels] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32)
+
+
+def measure_kmeans(n: int = 25_000, dim: int = 256, k: int = 1000, iters: int = 20, seed: int = 0) -> dict:
+    """Seconds of FAISS k-means and of the plain torch k-means (both from pretext_tasks.clustering)."""
+    from pretext_tasks.clustering import kmeans, torch_kmeans
+
+    features = clustered_features(n, dim, max(2, k // 2), seed)
+    out = {'n': n, 'dim': dim, 'k': k, 'iterations': iters}
+    try:
+        import faiss
+        out['faiss_version'] = faiss.__version__
+        out['faiss_gpus'] = int(faiss.get_num_gpus()) if hasattr(faiss, 'get_num_gpus') else 0
+        started = time.perf_counter()
+        kmeans(features, k, iters=iters, seed=seed, use_gpu='auto')
+        out['faiss_seconds'] = time.perf_counter() - started
+        out['faiss_init'] = 'k-means++' if n * k <= 5e6 else 'random (FAISS seeding; kmeans(init="auto"))'
+    except ImportError as exc:
+        out['faiss_seconds'] = None
+        out['faiss_error'] = str(exc)
+    started = time.perf_counter()
+    torch_kmeans(torch.from_numpy(features), k, iters=iters, seed=seed, init='random')
+    out['torch_seconds'] = time.perf_counter() - started
+    out['torch_init'] = 'random (k-means++ timed separately below)'
+    started = time.perf_counter()
+    torch_kmeans(torch.from_numpy(features), k, iters=0, seed=seed, init='k-means++')
+    out['torch_kmeanspp_seeding_seconds'] = time.perf_counter() - started
+    out['torch_threads'] = torch.get_num_threads()
+    return out
+
+
+@contextmanager
+def quiet_logs():
+    """Silence mmengine's and optuna's INFO chatter during measurements."""
+    names = ('mmengine', 'optuna', 'benchmark')
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def command_line() -> str:
+    return ' '.join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else 'python'] + sys.argv[1:])

@@ -1,0 +1,112 @@
+"""Rotation prediction (Gidaris, Singh & Komodakis, ICLR 2018, "RotNet"), batched.
+
+Each image gets light augmentation (random resized crop with a mild scale and a horizontal flip, the flip applied
+BEFORE rotating so the four classes stay exactly the four multiples of 90°), is rotated by 0/90/180/270 degrees —
+by default ALL FOUR rotations of every image go into the batch, as in the paper and mmselfsup's reference config
+(it gives the head every rotation of the same content, which is what makes the task about orientation and not
+about the image); ``rotations: random`` instead draws one rotation per image (a quarter of the compute) — and the
+backbone's pooled feature goes through a linear head (or, with ``head_hidden > 0``, a one-hidden-layer MLP) to a
+4-way cross-entropy. Label ``k`` means ``torch.rot90(image, k, dims=(-2, -1))`` (k quarter turns counter-clockwise).
+
+Why hand-written: mmpretrain 1.x has no RotationPred algorithm (it lived in mmselfsup, as a per-image numpy
+transform); here rotations are a batched tensor op driven by the task's seeded generator. The rotation itself is
+the pure function :func:`rotate_with_labels`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import normalize, random_resized_crop, to_float_nchw
+from .base import PretextTask, pool_last
+from .errors import PretextConfigError
+from .registry import register_task
+from .relloc import eval_mode, pretext_accuracy
+
+# defaults, kept equal to configs/tasks/rotation.yaml
+DEFAULTS = dict(crop_scale=(0.5, 1.0), flip_p=0.5, rotations='all', head_hidden=0, head_dropout=0.0)
+ROTATION_MODES = ('all', 'random')
+
+
+def rotate_with_labels(x: torch.Tensor, mode: str = 'all',
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate square images ``(B, C, H, W)`` by multiples of 90° and return ``(rotated, labels)``.
+
+    ``mode='all'``: ``rotated`` is ``(4B, C, H, W)`` with ``rotated[k·B + i] == torch.rot90(x[i], k, (-2, -1))``
+    and ``labels[k·B + i] == k``. ``mode='random'``: ``(B, C, H, W)``, image ``i`` turned by ``labels[i]``
+    quarter turns, drawn from ``generator``."""
+    if x.shape[-1] != x.shape[-2]:
+        raise PretextConfigError(f'rotation: images must be square to batch their rotations, got {tuple(x.shape)}')
+    batch = x.shape[0]
+    if mode == 'all':
+        rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], dim=0)
+        labels = torch.arange(4, device=x.device).repeat_interleave(batch)
+        return rotated, labels
+    if mode == 'random':
+        labels = torch.randint(0, 4, (batch,), generator=generator, device=x.device)
+        rotated = x.clone()
+        for k in range(1, 4):
+            chosen = labels == k
+            if bool(chosen.any()):
+                rotated[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+        return rotated, labels
+    raise PretextConfigError(f'rotation: rotations must be one of {ROTATION_MODES}, got {mode!r}')
+
+
+@register_task
+class RotationPrediction(PretextTask):
+    """Predict by how many quarter turns an image was rotated."""
+
+    name = 'rotation'
+
+    def __init__(self, backbone, task_cfg, num_images, image_size, seed=0):
+        super().__init__(backbone, task_cfg, num_images, image_size, seed)
+        d = DEFAULTS
+        self.crop_scale = tuple(float(v) for v in self.cfg('crop_scale', d['crop_scale']))
+        self.flip_p = float(self.cfg('flip_p', d['flip_p']))
+        self.rotations = str(self.cfg('rotations', d['rotations']))
+        hidden = int(self.cfg('head_hidden', d['head_hidden']))
+        dropout = float(self.cfg('head_dropout', d['head_dropout']))
+        if self.rotations not in ROTATION_MODES:
+            raise PretextConfigError(f'rotation: rotations must be one of {ROTATION_MODES}, got {self.rotations!r}')
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise PretextConfigError(
+                f'rotation: crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}')
+        for key, value in (('flip_p', self.flip_p), ('head_dropout', dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise PretextConfigError(f'rotation: {key} must be in [0, 1], got {value}')
+        if hidden > 0:
+            self.head = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.BatchNorm1d(hidden),
+                                      nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 4))
+        else:
+            self.head = nn.Linear(self.feature_dim, 4)
+
+    def make_views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(B, H, W, C)`` → normalised rotated views and their labels (see :func:`rotate_with_labels`)."""
+        x = to_float_nchw(images)
+        # crop + flip first: the flip is folded into the crop's sampling grid, then the exact rot90
+        x = random_resized_crop(x, self.image_size, generator, scale=self.crop_scale, flip_p=self.flip_p)
+        x, labels = rotate_with_labels(x, self.rotations, generator)
+        return normalize(x).contiguous(memory_format=torch.channels_last), labels
+
+    def logits_and_labels(self, images: torch.Tensor,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        views, labels = self.make_views(images, generator)
+        return self.head(pool_last(self.backbone(views))), labels
+
+    def compute_loss(self, images, indices, generator):
+        logits, labels = self.logits_and_labels(images, generator)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.detach().argmax(1) == labels).float().mean()
+        return {'loss': loss, 'pretext_acc': acc}
+
+    def evaluation_loss(self, images, generator):
+        with eval_mode(self):
+            logits, labels = self.logits_and_labels(images, generator)
+            return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def validation_score(self, images, batch_size: int = 128) -> float:
+        """Rotation accuracy on ``images`` (uint8 NHWC) with fixed crops, in eval mode, no side effects."""
+        return pretext_accuracy(self, images, batch_size)
