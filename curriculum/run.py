@@ -270,6 +270,7 @@ def _stage_summary(record: dict) -> dict:
         'seconds': record.get('seconds'), 'lr_search_seconds': record.get('lr_search_seconds'),
         'train_seconds': record.get('train_seconds'), 'cache_hit': bool(record.get('cache_hit')),
         'key': record.get('key'), 'stage_dir': record.get('stage_dir'), 'history': record.get('history', []),
+        'resumed_at_epoch': record.get('resumed_at_epoch', 0),
     }
 
 

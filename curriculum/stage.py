@@ -56,10 +56,12 @@ class StageProgressHook(Hook):
         self.history_path = history_path
         self.progress = progress
         self.history: list[dict] = []
+        self.resumed_at_epoch = 0
         self._sums: dict[str, float] = {}
         self._count = 0
 
     def before_train(self, runner) -> None:
+        self.resumed_at_epoch = int(runner.epoch)
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path) as handle:
                 self.history = json.load(handle)[:runner.epoch]
@@ -121,8 +123,12 @@ class StageInputs:
 
 
 def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_backbone: str | None):
-    """Instantiate the task and load the parent stage's backbone strictly."""
-    task = build_task(task_name, inputs.backbone_cfg, cfg, len(inputs.train_images), inputs.image_size, inputs.seed)
+    """Instantiate the task (heads initialised from the stage seed, whatever ran before in this process) and load
+    the parent stage's backbone strictly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(inputs.seed)
+        task = build_task(task_name, inputs.backbone_cfg, cfg, len(inputs.train_images), inputs.image_size,
+                          inputs.seed)
     if parent_backbone:
         state = load_checkpoint_file(parent_backbone, map_location='cpu')
         if not isinstance(state, dict):
@@ -211,6 +217,7 @@ def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, paren
         'final_loss': float(history[-1]['loss']) if history and 'loss' in history[-1] else None,
         'first_loss': float(history[0]['loss']) if history and 'loss' in history[0] else None,
         'history': history,
+        'resumed_at_epoch': history_hook.resumed_at_epoch,  # 0: trained from the start in this process
         'seconds_this_process': time.time() - started,
         'num_images': int(len(inputs.train_images)),
         'batch_size': int(cfg['batch_size']),

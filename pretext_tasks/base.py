@@ -102,18 +102,26 @@ class PretextTask(BaseModel):
         """Called by the stage runner before every training iteration (0-based epoch, global iteration)."""
         self.epoch, self.iteration = int(epoch), int(iteration)
 
+    def step_seed(self, salt: int = 0) -> int:
+        """The seed of this iteration's randomness, from (seed, rank, iteration, salt)."""
+        return (self.seed * 1_000_003 + get_rank() * 7_919 + self.iteration * 104_729 + salt) % (2 ** 63 - 1)
+
     def generator(self, device: torch.device, salt: int = 0) -> torch.Generator:
         """A generator seeded by (seed, rank, iteration, salt): augmentations replay identically after a resume."""
         generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + get_rank() * 7_919 + self.iteration * 104_729 + salt)
-                              % (2 ** 63 - 1))
+        generator.manual_seed(self.step_seed(salt))
         return generator
 
     def forward(self, inputs: dict, data_samples=None, mode: str = 'loss'):
         if mode != 'loss':
             raise PretextConfigError(f'{self.name}: only mode="loss" is supported, got {mode!r}')
         images, indices = inputs['images'], inputs['indices']
-        losses = self.compute_loss(images, indices, self.generator(images.device))
+        # Layers that draw from torch's global stream (dropout) get it seeded per iteration as well, inside a fork
+        # so that nothing outside the step is disturbed: a resumed stage then replays the uninterrupted one exactly.
+        cuda_devices = [images.device.index or 0] if images.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(self.step_seed(salt=1))
+            losses = self.compute_loss(images, indices, self.generator(images.device))
         self._check_finite(losses)
         return losses
 

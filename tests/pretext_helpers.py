@@ -18,11 +18,13 @@ from pretext_tasks.data import IndexedImages, collate_batch
 
 
 def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: float = 0.05,
-               weight_decay: float = 1e-4, seed: int = 0, work_dir: str | None = None) -> list[dict[str, float]]:
+               weight_decay: float = 1e-4, seed: int = 0, work_dir: str | None = None,
+               on_epoch_end=None) -> list[dict[str, float]]:
     """Train ``task`` for ``epochs`` with SGD; returns per-epoch means of every logged value.
 
     The task's own mmengine hooks (``task.hooks()``) are called at the usual points with a minimal stand-in for
-    the Runner (``model``, ``epoch``, ``iter``, ``max_epochs``, ``max_iters``, ``work_dir``, ``logger``)."""
+    the Runner (``model``, ``epoch``, ``iter``, ``max_epochs``, ``max_iters``, ``work_dir``, ``logger``).
+    ``on_epoch_end(epoch, history)``, when given, is called after every epoch (e.g. to probe the backbone)."""
     torch.manual_seed(seed)
     dataset = IndexedImages(images)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
@@ -58,6 +60,9 @@ def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: 
         for hook in hooks:
             hook.after_train_epoch(runner)
         history.append({k: v / max(count, 1) for k, v in sums.items()})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history)
+            task.train()
     return history
 
 

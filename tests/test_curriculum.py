@@ -108,8 +108,8 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 900
     killed = False
     while time.time() < deadline and proc.poll() is None:
-        # the second stage has written its first epoch checkpoint: kill it mid-stage
-        if stages.exists() and any(p.name.startswith('relloc-') and (p / 'epoch_1.pth').exists()
+        # the second stage has completed its first epoch checkpoint (last_checkpoint names it): kill mid-stage
+        if stages.exists() and any(p.name.startswith('relloc-') and (p / 'last_checkpoint').exists()
                                    for p in stages.iterdir()):
             proc.send_signal(signal.SIGKILL)
             killed = True
@@ -125,6 +125,7 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     assert [s['cache_hit'] for s in result['stages']] == [True, False]
     history = result['stages'][1]['history']
     assert [h['epoch'] for h in history] == [1, 2, 3]
+    assert result['stages'][1]['resumed_at_epoch'] == 1
     for got, want in zip(result['stages'], expected['stages']):
         assert got['lr'] == want['lr']
         assert got['final_loss'] == pytest.approx(want['final_loss'], rel=1e-5, abs=1e-6)
