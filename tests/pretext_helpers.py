@@ -66,20 +66,21 @@ def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: 
     return history
 
 
-def knn_accuracy(backbone, images: np.ndarray, labels: np.ndarray, train_idx, val_idx, k: int = 20) -> float:
-    """Balanced accuracy of a cosine kNN (k=20) on pooled backbone features: train → val."""
-    from pretext_tasks.augment import normalize, to_float_nchw
-    from pretext_tasks.base import pool_last
+def knn_accuracy(backbone, images: np.ndarray, labels: np.ndarray, train_idx, val_idx, k: int = 20,
+                 recalibrate_bn: bool = False) -> float:
+    """Balanced accuracy of a cosine kNN (k=20) on pooled backbone features: train → val.
 
-    backbone.eval()
-    with torch.no_grad():
-        feats = []
-        for start in range(0, len(images), 256):
-            x = normalize(to_float_nchw(torch.as_tensor(images[start:start + 256])))
-            feats.append(pool_last(backbone(x)))
-        feats = torch.nn.functional.normalize(torch.cat(feats), dim=1)
-    backbone.train()
+    ``recalibrate_bn``: first re-estimate the batch-norm statistics on the clean train images
+    (:func:`benchmarks.protocols.features.recalibrate_batchnorm`), so that a random init and a trained backbone are
+    probed under the same normalisation."""
+    from benchmarks.protocols.features import extract_features, recalibrate_batchnorm
+
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    if recalibrate_bn:
+        backbone = recalibrate_batchnorm(backbone, images, indices=train_idx)
+    was_training = backbone.training
+    feats = torch.nn.functional.normalize(extract_features(backbone, images), dim=1)
+    backbone.train(was_training)
     sims = feats[val_idx] @ feats[train_idx].T
     top = sims.topk(min(k, len(train_idx)), dim=1).indices.numpy()
     votes = labels[train_idx][top]
@@ -88,3 +89,58 @@ def knn_accuracy(backbone, images: np.ndarray, labels: np.ndarray, train_idx, va
     truth = labels[val_idx]
     recalls = [np.mean(predicted[truth == c] == c) for c in np.unique(truth)]
     return float(np.mean(recalls))
+
+
+def knn_probes(backbone, images: np.ndarray, labels: np.ndarray, train_idx, val_idx, k: int = 20) -> dict:
+    """Both kNN probes: ``raw`` (the backbone's own running statistics) and ``recalibrated``."""
+    return {'raw': knn_accuracy(backbone, images, labels, train_idx, val_idx, k),
+            'recalibrated': knn_accuracy(backbone, images, labels, train_idx, val_idx, k, recalibrate_bn=True)}
+
+
+#: the backbone of the learning tests: a ResNet-18 at a quarter of the width (16 base channels), so that each task's
+#: run fits the CPU budget of the acceptance (at most 2 minutes on 2 cores); the task recipes are otherwise used as is
+LEARN_BACKBONE = dict(type='ResNet', depth=18, base_channels=16, stem_channels=16)
+
+
+def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str = 'synthetic_derm'):
+    """A fixed random sample of the train and val splits: ``(images, labels, train_idx, val_idx)`` where the index
+    arrays point into the returned arrays."""
+    import os
+
+    from benchmarks.datasets import load_dataset
+
+    data = load_dataset(dataset, None, image_size=size, seed=0, cache_dir=os.environ.get('CURRICULUM_SSL_CACHE'))
+    rng = np.random.default_rng(0)
+    train_idx = rng.permutation(data.indices('train'))[:train]
+    val_idx = rng.permutation(data.indices('val'))[:val]
+    order = np.concatenate([train_idx, val_idx])
+    return (np.asarray(data.images)[order], np.asarray(data.labels)[order], np.arange(len(train_idx)),
+            np.arange(len(train_idx), len(order)))
+
+
+def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay: float = 1e-4,
+                 batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm') -> dict:
+    """Train task ``name`` from a random init on a :func:`derm_sample` and probe it before and after.
+
+    Returns ``task``, ``history`` (per-epoch means), ``seconds`` (training only) and ``random`` / ``trained``: the
+    two kNN probes of :func:`knn_probes` (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
+    import time
+
+    from pretext_tasks.registry import build_task
+
+    images, labels, train_idx, val_idx = derm_sample(dataset=dataset)
+    torch.manual_seed(0)
+    task = build_task(name, backbone or LEARN_BACKBONE, dict(task_cfg), len(train_idx), images.shape[1], seed=0)
+    random_probes = knn_probes(task.backbone, images, labels, train_idx, val_idx)
+    start = time.perf_counter()
+    history = train_task(task, images[train_idx], epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay)
+    seconds = time.perf_counter() - start
+    trained = knn_probes(task.backbone, images, labels, train_idx, val_idx)
+    metric = history[-1].get('pretext_acc')
+    print(f'\n{name} on {dataset}: loss {history[0]["loss"]:.3f} -> {history[-1]["loss"]:.3f}'
+          + (f', pretext acc {metric:.3f}' if metric is not None else '')
+          + f'; kNN raw {random_probes["raw"]:.3f} (random) -> {trained["raw"]:.3f}, recalibrated '
+          f'{random_probes["recalibrated"]:.3f} -> {trained["recalibrated"]:.3f}; {epochs} epochs in {seconds:.0f} s')
+    return {'task': task, 'history': history, 'seconds': seconds, 'random': random_probes, 'trained': trained,
+            'images': images, 'labels': labels, 'train_idx': train_idx, 'val_idx': val_idx}

@@ -2,9 +2,6 @@
 and a short learning run on synthetic_derm (loss falls, kNN beats the random init)."""
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -143,42 +140,18 @@ def test_evaluation_loss_has_no_side_effects():
 
 
 # -- learning -----------------------------------------------------------------------------------------------------
-# A narrow ResNet-18 (16 base channels) keeps the run within the CPU budget; the recipe's views are used as is.
-LEARN_BACKBONE = dict(type='ResNet', depth=18, base_channels=16, stem_channels=16)
-LEARN_CFG = dict(batch_size=64, momentum=0.99)  # 0.999 barely moves the key encoder in ~200 iterations
-EPOCHS, LR = 12, 0.03
-
-
-def derm_sample(train=1200, val=400, size=64):
-    from benchmarks.datasets import load_dataset
-
-    data = load_dataset('synthetic_derm', None, image_size=size, seed=0,
-                        cache_dir=os.environ.get('CURRICULUM_SSL_CACHE'))
-    rng = np.random.default_rng(0)
-    train_idx = rng.permutation(data.indices('train'))[:train]
-    val_idx = rng.permutation(data.indices('val'))[:val]
-    order = np.concatenate([train_idx, val_idx])
-    return (np.asarray(data.images)[order], np.asarray(data.labels)[order], np.arange(len(train_idx)),
-            np.arange(len(train_idx), len(order)))
+LEARN_CFG = dict(batch_size=64, momentum=0.99)  # 0.999 barely moves the key encoder in ~1000 iterations
+EPOCHS, LR = 30, 0.06
 
 
 @pytest.mark.slow
 def test_moco_learns_on_synthetic_derm():
-    from pretext_helpers import knn_accuracy, train_task
+    from pretext_helpers import learning_run
 
-    images, labels, train_idx, val_idx = derm_sample()
-    torch.manual_seed(0)
-    task = build_task('moco', LEARN_BACKBONE, LEARN_CFG, len(train_idx), 64, seed=0)
-    assert task.queue_len == 576
-    knn_random = knn_accuracy(task.backbone, images, labels, train_idx, val_idx, k=20)
-    start = time.perf_counter()
-    history = train_task(task, images[train_idx], epochs=EPOCHS, batch_size=64, lr=LR)
-    seconds = time.perf_counter() - start
-    knn_trained = knn_accuracy(task.backbone, images, labels, train_idx, val_idx, k=20)
-    print(f'\nmoco: loss {history[0]["loss"]:.3f} -> {history[-1]["loss"]:.3f}, contrastive top-1 '
-          f'{history[0]["pretext_acc"]:.3f} -> {history[-1]["pretext_acc"]:.3f}, kNN balanced acc '
-          f'{knn_random:.3f} (random) -> {knn_trained:.3f} (trained), {seconds:.0f} s training '
-          f'({seconds / EPOCHS:.1f} s/epoch)')
+    run = learning_run('moco', LEARN_CFG, EPOCHS, LR)
+    history = run['history']
+    assert run['task'].queue_len == 576
     assert all(np.isfinite(h['loss']) for h in history)
-    assert history[-1]['loss'] < history[0]['loss']
-    assert knn_trained > knn_random
+    assert history[-1]['loss'] < history[0]['loss'] - 0.1
+    # the kNN probe (batch-norm statistics re-estimated on the clean train images) beats the random init's
+    assert run['trained']['recalibrated'] > run['random']['recalibrated'] + 0.05

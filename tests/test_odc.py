@@ -2,7 +2,6 @@
 short learning run on synthetic_derm (loss falls; kNN on val beats the random initialisation)."""
 import os
 import tempfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -284,70 +283,25 @@ def test_ddp_ranks_hold_the_same_memory():
 
 
 # -- learning -----------------------------------------------------------------------------------------------------
-def derm_sample(train=1200, val=400, size=64):
-    from benchmarks.datasets import load_dataset
-
-    cache = os.environ.get('CURRICULUM_SSL_CACHE')
-    data = load_dataset('synthetic_derm', None, image_size=size, seed=0, cache_dir=cache)
-    rng = np.random.default_rng(0)
-    train_idx = rng.permutation(data.indices('train'))[:train]
-    val_idx = rng.permutation(data.indices('val'))[:val]
-    images = np.asarray(data.images)[np.concatenate([train_idx, val_idx])]
-    labels = np.asarray(data.labels)[np.concatenate([train_idx, val_idx])]
-    return images, labels, np.arange(len(train_idx)), np.arange(len(train_idx), len(train_idx) + len(val_idx))
 
 
-def random_init_with_data_statistics(task, images, batch_size=64):
-    """A copy of the untrained backbone whose batch-norm running statistics are re-estimated on training views.
-
-    A second "random init" for kNN: an untrained network evaluated with its initial running statistics (mean 0,
-    variance 1) is a different function from the same weights after ANY training, whose running statistics follow
-    the data; that change alone moved kNN on synthetic_derm from 0.246 to 0.18-0.23 here."""
-    import copy
-
-    backbone = copy.deepcopy(task.backbone)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None          # cumulative average over the pass
-    backbone.train()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            backbone(task._view(torch.as_tensor(images[start:start + batch_size]), generator))
-    return backbone
+# ODC in the test budget: 40 epochs (about 750 iterations) of the narrow ResNet-18 on 1,200 images.
+LEARN_CFG = dict(num_clusters=10000, crop_scale=(0.3, 1.0), color_jitter=(0.2, 0.2, 0.2, 0.02))
+EPOCHS, LR = 40, 0.05
 
 
 @pytest.mark.slow
 def test_odc_learns_on_synthetic_derm():
-    from pretext_helpers import knn_accuracy, train_task
+    from pretext_helpers import learning_run
 
-    images, labels, train_idx, val_idx = derm_sample()
-    torch.manual_seed(0)
-    task = ODC(None, dict(LEARN_CFG), len(train_idx), 64, seed=0)
-    assert task.num_clusters == 30
-    knn_raw = knn_accuracy(task.backbone, images, labels, train_idx, val_idx, k=20)
-    knn_random = knn_accuracy(random_init_with_data_statistics(task, images[train_idx]), images, labels, train_idx,
-                              val_idx, k=20)
-    start = time.perf_counter()
-    history = train_task(task, images[train_idx], epochs=EPOCHS, batch_size=64, lr=LR)
-    seconds = time.perf_counter() - start
-    knn_trained = knn_accuracy(task.backbone, images, labels, train_idx, val_idx, k=20)
-    print(f'odc: loss {history[0]["loss"]:.3f} -> {history[-1]["loss"]:.3f}, changed '
-          f'{history[0]["changed_ratio"]:.3f} -> {history[-1]["changed_ratio"]:.3f}, kNN balanced acc: random init '
-          f'{knn_raw:.3f} (initial BN statistics) / {knn_random:.3f} (BN statistics of the data) -> trained '
-          f'{knn_trained:.3f}; {seconds:.0f} s training')
+    run = learning_run('odc', LEARN_CFG, EPOCHS, LR)
+    task, history = run['task'], run['history']
+    assert task.num_clusters == 30  # 10,000 requested, reduced to the dataset size
+    print(f'odc: changed {history[0]["changed_ratio"]:.3f} -> {history[-1]["changed_ratio"]:.3f}, '
+          f'non-empty clusters {history[-1]["nonempty_clusters"]:.0f}')
     assert all(np.isfinite(h['loss']) for h in history)
     assert history[-1]['loss'] < history[0]['loss']
     assert history[-1]['pretext_acc'] > 2.0 / task.num_clusters
     assert history[-1]['nonempty_clusters'] > 0.9 * task.num_clusters          # no collapse of the memory
-    # ODC needs far longer than this budget to improve a kNN probe on 1,200 images: over 8 epochs the kNN stayed
-    # at 0.21-0.24 against 0.246 (random init) and 0.18-0.23 (random init, data BN statistics) — differences
-    # within the noise of 239 validation images. Checked here: the representation keeps its class information.
-    assert knn_trained > 0.125 + 0.05                                         # 8 classes: chance 0.125
-    assert knn_trained > max(knn_raw, knn_random) - 0.06
-
-
-LEARN_CFG = dict(num_clusters=10000, crop_scale=(0.3, 1.0), color_jitter=(0.2, 0.2, 0.2, 0.02))
-EPOCHS = 3
-LR = 0.05
+    # the kNN probe (batch-norm statistics re-estimated on the clean train images) beats the random init's
+    assert run['trained']['recalibrated'] > run['random']['recalibrated'] + 0.03

@@ -5,7 +5,6 @@ init)."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from pretext_tasks import NonFiniteLossError, PretextConfigError, build_task
 from pretext_tasks import rotation
 from pretext_tasks.rotation import DEFAULTS, rotate_with_labels
 
-from pretext_helpers import knn_accuracy, train_task
+from pretext_helpers import train_task
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tasks', 'rotation.yaml')
 TINY_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,), stem_channels=16, base_channels=16)
@@ -130,40 +129,30 @@ def test_nan_loss_names_task_epoch_and_iteration(monkeypatch):
 
 
 # -- learning ---------------------------------------------------------------------------------------------------
-# synthetic_cxr, not synthetic_derm: the dermoscopy generator draws lesion rotation, hair angles and the ruler's side
-# uniformly, so its images have no canonical orientation and rotation prediction stays at chance there (measured:
-# 0.25 after 3 epochs), as it largely does on real dermoscopy. Chest X-rays have one (apices up, heart on the image
-# right, diaphragm down), which is the setting the task is meant for.
-@pytest.fixture(scope='module')
-def cxr(tmp_path_factory):
-    from benchmarks.datasets import load_dataset
-    return load_dataset('synthetic_cxr', None, image_size=64, seed=0,
-                        cache_dir=str(tmp_path_factory.mktemp('rotation_cache')))
+def test_rotation_learns_on_synthetic_derm():
+    """The dermoscopy generator gives the camera frame an orientation (light from above, rulers mostly at the
+    bottom, field of view set low), which rotation prediction learns quickly. Those cues are unrelated to the
+    diagnosis, and at this budget the kNN probe stays at chance (measured 0.10-0.15 over 5-30 epochs): the task
+    learns, its features do not yet help diagnosis. The kNN evidence is the chest X-ray test below."""
+    from pretext_helpers import learning_run
 
-
-TRAIN_IMAGES, EPOCHS, KNN_TRAIN = 320, 2, 800
-
-
-def test_rotation_learns_on_synthetic_cxr(cxr):
-    started = time.time()
-    train_idx, val_idx = cxr.indices('train'), cxr.indices('val')
-    images = cxr.images[train_idx[:TRAIN_IMAGES]]
-    # kNN probe on a fixed subset (train -> val) so feature extraction stays cheap
-    subset = np.concatenate([train_idx[:KNN_TRAIN], val_idx])
-    probe_images, probe_labels = cxr.images[subset], cxr.labels[subset]
-    probe_train, probe_val = np.arange(KNN_TRAIN), np.arange(KNN_TRAIN, len(subset))
-
-    torch.manual_seed(0)
-    task = build_task('rotation', None, {}, len(images), 64, seed=0)
-    knn_random = knn_accuracy(task.backbone, probe_images, probe_labels, probe_train, probe_val)
-    history = train_task(task, images, epochs=EPOCHS, batch_size=32, lr=0.05)
-    knn_trained = knn_accuracy(task.backbone, probe_images, probe_labels, probe_train, probe_val)
-    held_out = task.validation_score(cxr.images[val_idx])
-    elapsed = time.time() - started
-    print(f'\nrotation: loss {history[0]["loss"]:.3f} -> {history[-1]["loss"]:.3f}, pretext acc '
-          f'{history[-1]["pretext_acc"]:.3f} (val {held_out:.3f}), kNN random {knn_random:.3f} -> trained '
-          f'{knn_trained:.3f}, {elapsed:.0f} s')
+    run = learning_run('rotation', {}, epochs=5, lr=0.05)
+    task, history = run['task'], run['history']
+    held_out = task.validation_score(run['images'][run['val_idx']])
+    print(f'rotation: held-out pretext accuracy {held_out:.3f}')
     assert history[-1]['loss'] < history[0]['loss']
-    assert history[-1]['pretext_acc'] >= 2 / 4
-    assert held_out >= 2 / 4
-    assert knn_trained > knn_random
+    assert history[-1]['pretext_acc'] >= 2 / 4 and held_out >= 2 / 4  # 2x chance of the 4-way task
+
+
+def test_rotation_learns_on_synthetic_cxr():
+    """Chest X-rays have an anatomical orientation (apices up, heart on the image right, diaphragm down) that is
+    tied to what the classes change (heart size, lung bases), the setting the task is meant for."""
+    from pretext_helpers import learning_run
+
+    run = learning_run('rotation', {}, epochs=5, lr=0.05, dataset='synthetic_cxr')
+    task, history = run['task'], run['history']
+    held_out = task.validation_score(run['images'][run['val_idx']])
+    print(f'rotation: held-out pretext accuracy {held_out:.3f}')
+    assert history[-1]['loss'] < history[0]['loss']
+    assert history[-1]['pretext_acc'] >= 2 / 4 and held_out >= 2 / 4
+    assert run['trained']['recalibrated'] > run['random']['recalibrated']

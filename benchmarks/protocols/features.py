@@ -104,6 +104,30 @@ def extract_features(backbone: nn.Module, images_uint8, device: torch.device | s
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(backbone: nn.Module, images_uint8, device: torch.device | str = 'cpu',
+                          batch_size: int = 256, indices: np.ndarray | None = None) -> nn.Module:
+    """A copy of ``backbone`` whose batch-norm running statistics are re-estimated (cumulative average) on the
+    given clean images; the original is untouched.
+
+    A frozen-feature probe then sees the same normalisation whatever the backbone's history: an untrained network
+    otherwise runs with its initial statistics (mean 0, variance 1, i.e. no normalisation) and a trained one with
+    statistics of its augmented training views, and that difference alone moves a kNN probe by several points."""
+    import copy
+
+    device = torch.device(device)
+    copied = copy.deepcopy(backbone)
+    norms = [m for m in copied.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+    with borrowed(copied, device, train=True):
+        for batch in image_batches(images_uint8, indices, batch_size):
+            copied(to_model_input(batch.to(device)))
+    copied.eval()  # not chained: mmpretrain's ResNet.train() returns None
+    return copied
+
+
+@torch.no_grad()
 def feature_dim(backbone: nn.Module, channels: int, image_size: int) -> int:
     """Width of :func:`pooled_features` for images of this size (one dummy forward on the backbone's own device;
     the backbone is left as found)."""
