@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from .errors import EngineError
 from .stage import StageInputs, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -24,6 +26,21 @@ logger = logging.getLogger(__name__)
 
 def default_storage(work_root: str) -> str:
     return f'sqlite:///{os.path.abspath(os.path.join(work_root, "optuna.db"))}'
+
+
+def open_study_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage for ``url``. Workers that create a new database at the same moment race on its schema
+    (SQLite: a UNIQUE error on ``alembic_version`` or "database is locked"); the loser retries."""
+    import sqlalchemy as sa
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
+            if attempt == attempts - 1:
+                raise EngineError(f'cannot open Optuna storage {url!r}: {str(exc).splitlines()[0]}') from None
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError('unreachable')
 
 
 def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -71,7 +88,8 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
         return {'lr': float(cfg['lr']), 'trials': [], 'study': None, 'storage': None, 'searched': False}
     low, high = (float(v) for v in cfg['lr_range'])
     study_name = f'lr/{task_name}/{stage_key}'
-    study = optuna.create_study(study_name=study_name, storage=storage, direction='maximize',
+    study = optuna.create_study(study_name=study_name, storage=open_study_storage(storage),
+                                direction='maximize',
                                 sampler=_sampler(search_cfg.get('sampler', 'stratified'), inputs.seed),
                                 pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
     study.set_user_attr('task', task_name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
@@ -31,13 +32,26 @@ def default_results_url(work_root: str) -> str:
     return f'sqlite:///{os.path.abspath(os.path.join(work_root, "results.db"))}'
 
 
-def _engine(url: str) -> sa.Engine:
-    try:
-        engine = sa.create_engine(url)
-        _METADATA.create_all(engine)
-    except Exception as exc:  # bad URL, missing driver, unreachable server
-        raise EngineError(f'cannot open results store {url!r}: {str(exc).splitlines()[0]}') from None
-    return engine
+def _engine(url: str, attempts: int = 5) -> sa.Engine:
+    """Open the store and create its table if missing. Several workers may create it at once: a lost race
+    ("already exists", a locked SQLite file) is retried."""
+    for attempt in range(attempts):
+        try:
+            engine = sa.create_engine(url)
+            _METADATA.create_all(engine)
+            return engine
+        except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError) as exc:
+            if attempt == attempts - 1:
+                raise EngineError(f'cannot open results store {url!r}: {str(exc).splitlines()[0]}') from None
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # bad URL, missing driver, unreachable server
+            raise EngineError(f'cannot open results store {url!r}: {str(exc).splitlines()[0]}') from None
+    raise AssertionError('unreachable')
+
+
+def prepare_store(url: str) -> None:
+    """Create the store's table now (before several workers start)."""
+    _engine(url).dispose()
 
 
 def record_run(url: str, result: dict) -> int:

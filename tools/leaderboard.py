@@ -160,6 +160,12 @@ def main(argv=None) -> int:
             if args.worker or args.workers == 1:
                 code = work(args, name, storage_url, results_url)
             else:
+                # create the shared stores once here, so that the workers never race on a fresh schema
+                from curriculum.lr_search import default_storage, open_study_storage
+                from curriculum.results import prepare_store
+
+                open_study_storage(args.optuna_storage or default_storage(args.work_root))
+                prepare_store(results_url)
                 argv_worker = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), '--worker']
                 procs = [subprocess.Popen(argv_worker) for _ in range(args.workers)]
                 code = max(proc.wait() for proc in procs)
