@@ -4,7 +4,12 @@ A task knows nothing about curricula: it trains a backbone on unlabeled images a
 """
 from . import moco, odc, relloc, rotation, swav  # noqa: F401  (registration)
 from .base import PretextTask, build_backbone, pool_last
-from .errors import NonFiniteLossError, PretextConfigError, PretextError, UnknownTaskError
+from .errors import (
+           NonFiniteLossError,
+           PretextConfigError,
+           PretextError,
+           UnknownTaskError,
+)
 from .registry import TASKS, build_task, get_task_class
 
 __all__ = ['PretextTask', 'build_backbone', 'pool_last', 'NonFiniteLossError', 'PretextConfigError',

@@ -28,8 +28,8 @@ DEFAULT_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,))
 
 def build_backbone(cfg: dict | None) -> nn.Module:
     """Any mmpretrain backbone from its config dict (ResNet-18 by default)."""
-    from mmpretrain.registry import MODELS
     import mmpretrain.models  # noqa: F401  (registers the backbones)
+    from mmpretrain.registry import MODELS
 
     cfg = dict(cfg or DEFAULT_BACKBONE)
     try:

@@ -16,8 +16,15 @@ import torch
 import torch.nn as nn
 from mmpretrain.models.heads import ContrastiveHead
 
-from .augment import color_jitter, gaussian_blur, mocov2_view, normalize, random_grayscale, random_resized_crop, \
-    to_float_nchw
+from .augment import (
+    color_jitter,
+    gaussian_blur,
+    mocov2_view,
+    normalize,
+    random_grayscale,
+    random_resized_crop,
+    to_float_nchw,
+)
 from .base import PretextTask
 from .errors import PretextConfigError
 from .registry import register_task
@@ -62,8 +69,8 @@ class MoCoTask(PretextTask):
 
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
-        from mmpretrain.registry import MODELS
         import mmpretrain.models  # noqa: F401  (registers MoCo and its parts)
+        from mmpretrain.registry import MODELS
 
         outputs = _backbone_outputs(self.backbone, self.image_size)
         if len(outputs) != 1:

@@ -64,6 +64,7 @@ from .clustering import kmeans, torch_kmeans
 from .errors import PretextConfigError
 from .registry import register_task
 
+
 def cluster_count(num_images: int, configured: int, images_per_cluster: int = 40) -> tuple[int, str | None]:
     """``min(configured, max(2, num_images // images_per_cluster))`` (never more than ``num_images``), and a
     one-line message when that is fewer clusters than configured."""

@@ -5,7 +5,6 @@ and never mentions one by name.
 """
 from __future__ import annotations
 
-
 from .errors import UnknownTaskError
 
 TASKS: dict[str, type] = {}

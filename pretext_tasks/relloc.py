@@ -23,15 +23,13 @@ a 1×1 map after the last stage with every stage seeing real spatial extent.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize, random_resized_crop, to_float_nchw
-from .base import PretextTask, pool_last
+from .base import pool_last
+from .classification import ClassificationPretext
 from .errors import PretextConfigError
 from .registry import register_task
 
@@ -137,7 +135,7 @@ def patch_guards(x: torch.Tensor, generator: torch.Generator, color_drop_p: floa
 
 
 @register_task
-class RelativeLocation(PretextTask):
+class RelativeLocation(ClassificationPretext):
     """Relative patch location: predict which of the 8 neighbours a patch is, given the centre patch."""
 
     name = 'relloc'
@@ -199,57 +197,3 @@ class RelativeLocation(PretextTask):
         neighbours = torch.cat([feats[:, :CENTRE_CELL], feats[:, CENTRE_CELL + 1:]], dim=1)
         pairs = torch.cat([centre, neighbours], dim=-1).flatten(0, 1)  # (B·8, 2D)
         return self.head(pairs), labels
-
-    def compute_loss(self, images, indices, generator):
-        logits, labels = self.logits_and_labels(images, generator)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.detach().argmax(1) == labels).float().mean()
-        return {'loss': loss, 'pretext_acc': acc}
-
-    def evaluation_loss(self, images, generator):
-        with eval_mode(self):
-            logits, labels = self.logits_and_labels(images, generator)
-            return F.cross_entropy(logits, labels)
-
-    @torch.no_grad()
-    def validation_score(self, images, batch_size: int = 128) -> float:
-        """Pretext accuracy on ``images`` (uint8 NHWC) with fixed patch draws, in eval mode, no side effects."""
-        return pretext_accuracy(self, images, batch_size)
-
-
-class eval_mode:
-    """Context manager: eval mode inside, the previous train/eval mode restored after."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.was_training = self.module.training
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-        return False
-
-
-def pretext_accuracy(task, images, batch_size: int) -> float:
-    """Shared by relloc and rotation: accuracy of ``task.logits_and_labels`` over ``images`` in eval mode, each
-    batch with a generator seeded by its start index (the base class's convention); -inf if logits are not
-    finite."""
-    device = next(task.parameters()).device
-    images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
-    if len(images) == 0:
-        raise PretextConfigError(f'{task.name}: validation needs at least 1 image')
-    correct, count = 0, 0
-    with eval_mode(task):
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device)
-            generator = torch.Generator(device=device)
-            generator.manual_seed(12345 + start)
-            logits, labels = task.logits_and_labels(batch, generator)
-            if not bool(torch.isfinite(logits).all()):
-                return float('-inf')
-            correct += int((logits.argmax(1) == labels).sum())
-            count += len(labels)
-    score = correct / count
-    return score if math.isfinite(score) else float('-inf')

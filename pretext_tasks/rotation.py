@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .augment import normalize, random_resized_crop, to_float_nchw
-from .base import PretextTask, pool_last
+from .base import pool_last
+from .classification import ClassificationPretext
 from .errors import PretextConfigError
 from .registry import register_task
-from .relloc import eval_mode, pretext_accuracy
 
 # defaults, kept equal to configs/tasks/rotation.yaml
 DEFAULTS = dict(crop_scale=(0.5, 1.0), flip_p=0.5, rotations='all', head_hidden=0, head_dropout=0.0)
@@ -55,7 +54,7 @@ def rotate_with_labels(x: torch.Tensor, mode: str = 'all',
 
 
 @register_task
-class RotationPrediction(PretextTask):
+class RotationPrediction(ClassificationPretext):
     """Predict by how many quarter turns an image was rotated."""
 
     name = 'rotation'
@@ -94,19 +93,3 @@ class RotationPrediction(PretextTask):
                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         views, labels = self.make_views(images, generator)
         return self.head(pool_last(self.backbone(views))), labels
-
-    def compute_loss(self, images, indices, generator):
-        logits, labels = self.logits_and_labels(images, generator)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.detach().argmax(1) == labels).float().mean()
-        return {'loss': loss, 'pretext_acc': acc}
-
-    def evaluation_loss(self, images, generator):
-        with eval_mode(self):
-            logits, labels = self.logits_and_labels(images, generator)
-            return F.cross_entropy(logits, labels)
-
-    @torch.no_grad()
-    def validation_score(self, images, batch_size: int = 128) -> float:
-        """Rotation accuracy on ``images`` (uint8 NHWC) with fixed crops, in eval mode, no side effects."""
-        return pretext_accuracy(self, images, batch_size)

@@ -31,7 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from .augment import color_jitter, gaussian_blur, normalize, random_grayscale, random_resized_crop, to_float_nchw
+from .augment import (
+    color_jitter,
+    gaussian_blur,
+    normalize,
+    random_grayscale,
+    random_resized_crop,
+    to_float_nchw,
+)
 from .base import PretextTask
 from .errors import PretextConfigError
 from .registry import register_task
@@ -74,8 +81,8 @@ class SwAVTask(PretextTask):
 
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
-        from mmpretrain.registry import MODELS
         import mmpretrain.models  # noqa: F401  (registers SwAV and its parts)
+        from mmpretrain.registry import MODELS
 
         batch_size = int(self.cfg('batch_size', 64))
         self.global_crops = int(self.cfg('global_crops', 2))

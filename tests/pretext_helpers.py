@@ -144,3 +144,42 @@ def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay
           f'{random_probes["recalibrated"]:.3f} -> {trained["recalibrated"]:.3f}; {epochs} epochs in {seconds:.0f} s')
     return {'task': task, 'history': history, 'seconds': seconds, 'random': random_probes, 'trained': trained,
             'images': images, 'labels': labels, 'train_idx': train_idx, 'val_idx': val_idx}
+
+
+def assert_validation_is_deterministic_and_side_effect_free(task, images: np.ndarray) -> None:
+    """``validation_score`` twice gives one value in [0, 1]; it and ``evaluation_loss`` leave the train flag, the
+    progress counters and every tensor of the state untouched."""
+    task.train()
+    task.set_progress(2, 17)
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    first = task.validation_score(images, batch_size=5)
+    second = task.validation_score(images, batch_size=5)
+    assert first == second and 0.0 <= first <= 1.0
+    assert task.training and task.iteration == 17
+    assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
+    loss = task.evaluation_loss(torch.as_tensor(images), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and task.training
+    assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
+
+
+def assert_nan_loss_names_task_epoch_and_iteration(task, task_module, monkeypatch, images: np.ndarray) -> None:
+    """NaN pixels from the 6th batch on (epoch 2, iteration 6 with 4 batches an epoch) must stop training with
+    NonFiniteLossError naming the task and that epoch / iteration. ``task_module`` is the task's module, whose
+    ``to_float_nchw`` is poisoned."""
+    import pytest
+
+    from pretext_tasks.base import NonFiniteLossError
+
+    calls = {'n': 0}
+    original = task_module.to_float_nchw
+
+    def poisoned(batch):
+        calls['n'] += 1
+        x = original(batch)
+        return x * float('nan') if calls['n'] >= 6 else x
+
+    monkeypatch.setattr(task_module, 'to_float_nchw', poisoned)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_task(task, images, epochs=3, batch_size=4)
+    message = str(info.value)
+    assert task.name in message and 'epoch 2' in message and 'iteration 6' in message

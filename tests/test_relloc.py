@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 import yaml
 
-from pretext_tasks import NonFiniteLossError, PretextConfigError, build_task
+from pretext_tasks import PretextConfigError, build_task
 from pretext_tasks import relloc
 from pretext_tasks.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretext_tasks.relloc import (CENTRE_CELL, DEFAULTS, NEIGHBOUR_CELLS, crop_patches, grid_geometry,
                                   patch_layout)
 
-from pretext_helpers import train_task
+from pretext_helpers import (assert_nan_loss_names_task_epoch_and_iteration,
+                             assert_validation_is_deterministic_and_side_effect_free)
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tasks', 'relloc.yaml')
 NO_GUARDS = dict(color_drop_p=0.0, grayscale_p=0.0, channel_jitter=0.0, downsample_p=0.0)
@@ -149,38 +150,13 @@ def test_yaml_defaults_match_the_code_defaults():
 def test_validation_score_is_accuracy_deterministic_and_side_effect_free():
     task = build_task('relloc', TINY_BACKBONE, {}, 10, 64)
     images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
-    task.train()
-    task.set_progress(2, 17)
-    before = {k: v.clone() for k, v in task.state_dict().items()}
-    first = task.validation_score(images, batch_size=5)
-    second = task.validation_score(images, batch_size=5)
-    assert first == second and 0.0 <= first <= 1.0
-    assert task.training and task.iteration == 17
-    after = task.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    loss = task.evaluation_loss(torch.as_tensor(images), torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and task.training
-    assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
+    assert_validation_is_deterministic_and_side_effect_free(task, images)
 
 
 def test_nan_loss_names_task_epoch_and_iteration(monkeypatch):
-    """NaN pixels from the 6th batch on (epoch 2, iteration 6 with 4 batches an epoch) must stop training with
-    NonFiniteLossError naming relloc and that epoch / iteration."""
     images = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
     task = build_task('relloc', TINY_BACKBONE, {}, len(images), 64)
-    calls = {'n': 0}
-    original = relloc.to_float_nchw
-
-    def poisoned(batch):
-        calls['n'] += 1
-        x = original(batch)
-        return x * float('nan') if calls['n'] >= 6 else x
-
-    monkeypatch.setattr(relloc, 'to_float_nchw', poisoned)
-    with pytest.raises(NonFiniteLossError) as info:
-        train_task(task, images, epochs=3, batch_size=4)
-    message = str(info.value)
-    assert 'relloc' in message and 'epoch 2' in message and 'iteration 6' in message
+    assert_nan_loss_names_task_epoch_and_iteration(task, relloc, monkeypatch, images)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from pretext_tasks import NonFiniteLossError, PretextConfigError, build_task
+from pretext_tasks import PretextConfigError, build_task
 from pretext_tasks import rotation
 from pretext_tasks.rotation import DEFAULTS, rotate_with_labels
 
-from pretext_helpers import train_task
+from pretext_helpers import (assert_nan_loss_names_task_epoch_and_iteration,
+                             assert_validation_is_deterministic_and_side_effect_free)
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tasks', 'rotation.yaml')
 TINY_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,), stem_channels=16, base_channels=16)
@@ -95,37 +96,13 @@ def test_bad_config_is_rejected():
 def test_validation_score_is_accuracy_deterministic_and_side_effect_free():
     task = build_task('rotation', TINY_BACKBONE, {}, 10, 32)
     images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    task.train()
-    task.set_progress(1, 9)
-    before = {k: v.clone() for k, v in task.state_dict().items()}
-    first = task.validation_score(images, batch_size=5)
-    second = task.validation_score(images, batch_size=5)
-    assert first == second and 0.0 <= first <= 1.0
-    assert task.training and task.iteration == 9
-    assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
-    loss = task.evaluation_loss(torch.as_tensor(images), torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and task.training
-    assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
+    assert_validation_is_deterministic_and_side_effect_free(task, images)
 
 
 def test_nan_loss_names_task_epoch_and_iteration(monkeypatch):
-    """NaN pixels from the 6th batch on (epoch 2, iteration 6 with 4 batches an epoch) must stop training with
-    NonFiniteLossError naming rotation and that epoch / iteration."""
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     task = build_task('rotation', TINY_BACKBONE, {}, len(images), 32)
-    calls = {'n': 0}
-    original = rotation.to_float_nchw
-
-    def poisoned(batch):
-        calls['n'] += 1
-        x = original(batch)
-        return x * float('nan') if calls['n'] >= 6 else x
-
-    monkeypatch.setattr(rotation, 'to_float_nchw', poisoned)
-    with pytest.raises(NonFiniteLossError) as info:
-        train_task(task, images, epochs=3, batch_size=4)
-    message = str(info.value)
-    assert 'rotation' in message and 'epoch 2' in message and 'iteration 6' in message
+    assert_nan_loss_names_task_epoch_and_iteration(task, rotation, monkeypatch, images)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------
