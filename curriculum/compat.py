@@ -79,6 +79,10 @@ class EngineRunner(Runner):
     """mmengine's Runner whose checkpoints are written atomically and marked as the engine's own."""
 
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
+        from mmengine.dist import get_rank
+
+        if get_rank() != 0:  # mmengine writes checkpoints on rank 0 only (master_only)
+            return
         partial = filename + '.partial'
         super().save_checkpoint(out_dir, partial, *args, **kwargs)
         final = os.path.join(out_dir, filename)

@@ -15,8 +15,10 @@ import time
 
 import numpy as np
 import optuna
+from mmengine.dist import get_rank
 from optuna.trial import TrialState
 
+from .distributed import from_rank0
 from .errors import EngineError
 from .stage import StageInputs, run_trial
 
@@ -88,18 +90,20 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
         return {'lr': float(cfg['lr']), 'trials': [], 'study': None, 'storage': None, 'searched': False}
     low, high = (float(v) for v in cfg['lr_range'])
     study_name = f'lr/{task_name}/{stage_key}'
-    study = optuna.create_study(study_name=study_name, storage=open_study_storage(storage),
-                                direction='maximize',
-                                sampler=_sampler(search_cfg.get('sampler', 'stratified'), inputs.seed),
-                                pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
-    study.set_user_attr('task', task_name)
-    study.set_user_attr('lr_range', [low, high])
-    # A trial left RUNNING by a killed process is marked failed so the dashboard and the count stay honest.
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 (storage API)
-    if search_cfg.get('sampler', 'stratified') == 'stratified' and not study.get_trials(deepcopy=False):
-        for lr in stratified_lrs(low, high, n_trials, inputs.seed):
-            study.enqueue_trial({'lr': lr})
+    study = None
+    if get_rank() == 0:
+        study = optuna.create_study(study_name=study_name, storage=open_study_storage(storage),
+                                    direction='maximize',
+                                    sampler=_sampler(search_cfg.get('sampler', 'stratified'), inputs.seed),
+                                    pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
+        study.set_user_attr('task', task_name)
+        study.set_user_attr('lr_range', [low, high])
+        # A trial left RUNNING by a killed process is marked failed so the dashboard and the count stay honest.
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 (storage API)
+        if search_cfg.get('sampler', 'stratified') == 'stratified' and not study.get_trials(deepcopy=False):
+            for lr in stratified_lrs(low, high, n_trials, inputs.seed):
+                study.enqueue_trial({'lr': lr})
     iterations_per_epoch = max(1, len(inputs.train_images) // int(cfg['batch_size']))
     iterations = max(2, int(round(float(search_cfg.get('trial_fraction', 0.2)) * iterations_per_epoch)))
     reports = max(1, int(search_cfg.get('reports', 2)))
@@ -107,42 +111,63 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
     val_count = min(len(inputs.val_images), int(search_cfg.get('val_images', 256)))
     score_fn = make_score_fn(search_cfg, inputs.val_images[:val_count], knn_data, inputs.device)
 
-    def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float('lr', low, high, log=True)
-
+    def run_one(lr: float, trial: optuna.Trial | None, number: int) -> float:
+        """One trial on every rank; rank 0 holds the Optuna trial and decides pruning for all."""
         def on_report(score: float, step: int) -> None:
-            trial.report(score if math.isfinite(score) else -1e9, step)
-            if trial.should_prune():
+            prune = False
+            if trial is not None:
+                trial.report(score if math.isfinite(score) else -1e9, step)
+                prune = trial.should_prune()
+            if from_rank0(prune):
                 raise optuna.TrialPruned()
 
-        trial_dir = os.path.join(trials_dir, f'trial_{trial.number}')
+        trial_dir = os.path.join(trials_dir, f'trial_{number}')
         try:
-            score = run_trial(task_name, cfg, lr, inputs, parent_backbone, trial_dir, iterations, report_at,
-                              score_fn, on_report)
+            return run_trial(task_name, cfg, lr, inputs, parent_backbone, trial_dir, iterations, report_at,
+                             score_fn, on_report)
         except optuna.TrialPruned:
             raise
         except Exception as exc:  # a diverging LR (NaN loss) is a failed trial, not a failed search
             if type(exc).__name__ == 'NonFiniteLossError':
-                trial.set_user_attr('error', str(exc))
+                if trial is not None:
+                    trial.set_user_attr('error', str(exc))
                 return -1e9
             raise
-        if progress:
-            progress('trial', trial.number + 1, n_trials, {'lr': lr, 'score': score})
-        return score
 
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    remaining = n_trials - len(done)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=())
+    # Ask-and-tell rather than study.optimize: under DDP (torchrun) every rank trains each trial in lockstep,
+    # while only rank 0 talks to the storage and broadcasts the LR and the pruning decisions.
+    done = 0 if study is None else len([t for t in study.get_trials(deepcopy=False)
+                                        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)])
+    remaining = from_rank0(n_trials - done)
+    for _ in range(max(0, remaining)):
+        trial = study.ask() if study is not None else None
+        lr, number = from_rank0((trial.suggest_float('lr', low, high, log=True), trial.number)
+                             if trial is not None else None)
+        try:
+            score = run_one(lr, trial, number)
+        except optuna.TrialPruned:
+            if study is not None:
+                study.tell(trial, state=TrialState.PRUNED)
+            continue
+        except BaseException:
+            if study is not None:
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+        if study is not None:
+            study.tell(trial, score)
+        if progress:
+            progress('trial', number + 1, n_trials, {'lr': lr, 'score': score})
+    if study is None:   # ranks other than 0 learn the outcome from rank 0
+        return from_rank0(None)
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not completed:
         chosen = float(cfg['lr'])
         logger.warning('%s: every LR trial was pruned or failed; using the default lr %g', task_name, chosen)
     else:
         chosen = float(max(completed, key=lambda t: t.value).params['lr'])
-    return {'lr': chosen, 'trials': trial_records(study), 'study': study_name, 'storage': storage,
-            'searched': True, 'iterations_per_trial': iterations}
+    return from_rank0({'lr': chosen, 'trials': trial_records(study), 'study': study_name, 'storage': storage,
+                    'searched': True, 'iterations_per_trial': iterations})
+
 
 
 def make_score_fn(search_cfg: dict, val_images: np.ndarray, knn_data: dict | None, device: str):

@@ -69,7 +69,10 @@ def record_run(url: str, result: dict) -> int:
 
 
 def load_runs(url: str) -> list[dict]:
-    """Every stored run's result dict (with its store id under ``_id``), oldest first."""
+    """Every stored run's result dict (with its store id under ``_id``), oldest first. ``url`` may also be the
+    path of a compact JSON Lines export (see :func:`export_runs`), read-only."""
+    if is_jsonl(url):
+        return read_jsonl(url)
     engine = _engine(url)
     with engine.connect() as connection:
         rows = connection.execute(sa.select(RUNS.c.id, RUNS.c.result_json).order_by(RUNS.c.id)).all()
@@ -89,3 +92,77 @@ def update_run(url: str, run_id: int, result: dict) -> None:
         connection.execute(RUNS.update().where(RUNS.c.id == int(run_id))
                            .values(result_json=json.dumps(result, default=float)))
     engine.dispose()
+
+
+# --- compact JSON Lines exports: the results of a study kept in the repository (no checkpoints, no local paths) ---
+#: machine-specific fields left out of an export (absolute paths, store ids, storage URLs)
+LOCAL_FIELDS = ('_id', 'results_id', 'work_root', 'optuna_storage', 'results_url')
+LOCAL_STAGE_FIELDS = ('stage_dir',)
+
+
+def is_jsonl(url: str) -> bool:
+    return str(url).endswith('.jsonl') and '://' not in str(url)
+
+
+def compact(result: dict) -> dict:
+    """A result without machine-specific fields (what a JSON Lines export keeps of each run)."""
+    out = {k: v for k, v in result.items() if k not in LOCAL_FIELDS}
+    out['stages'] = [{k: v for k, v in stage.items() if k not in LOCAL_STAGE_FIELDS}
+                     for stage in result.get('stages', [])]
+    return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The runs of a JSON Lines export, in file order (``_id`` = line number)."""
+    if not os.path.isfile(path):
+        raise EngineError(f'results file not found: {path}')
+    out = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                result = json.loads(line)
+            except ValueError:
+                raise EngineError(f'{path}: line {number} is not JSON') from None
+            if not isinstance(result, dict) or 'order' not in result or 'seed' not in result:
+                raise EngineError(f'{path}: line {number} is not a run result (needs "order" and "seed")')
+            result['_id'] = number
+            out.append(result)
+    return out
+
+
+def run_identity(result: dict) -> tuple:
+    """What makes two stored runs the same run: ordering, init file name, seed and the whole config."""
+    init = os.path.basename(result['init']) if result.get('init') else None
+    return (tuple(result['order']), init, int(result['seed']),
+            json.dumps(result.get('config') or {}, sort_keys=True, default=str))
+
+
+def export_runs(results: list[dict], path: str) -> int:
+    """Write ``results`` (compacted, one JSON object a line, sorted, the latest of repeated runs) atomically to
+    ``path``; returns the number of runs written."""
+    latest = {}
+    for result in results:
+        latest[run_identity(result)] = compact(result)
+    rows = [latest[key] for key in sorted(latest, key=lambda k: (k[3], k[0], str(k[1]), k[2]))]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as handle:
+        for row in rows:
+            handle.write(json.dumps(row, sort_keys=True, default=float) + '\n')
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def import_runs(url: str, results: list[dict]) -> int:
+    """Add to the store every run of ``results`` it does not hold yet (by :func:`run_identity`); returns the
+    number added. Lets a study continue on another machine from its exported results."""
+    held = {run_identity(r) for r in load_runs(url)}
+    added = 0
+    for result in results:
+        if run_identity(result) not in held:
+            record_run(url, {k: v for k, v in result.items() if k != '_id'})
+            held.add(run_identity(result))
+            added += 1
+    return added

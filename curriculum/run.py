@@ -11,17 +11,19 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 
 import numpy as np
 import torch
+from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 
 from benchmarks.datasets import load_dataset
 from pretext_tasks.base import build_backbone
 
 from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
+from .distributed import from_rank0
 from .errors import CheckpointError
 from .lr_search import default_storage, search_lr
 from .plan import RunPlan
@@ -118,6 +120,8 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         knn_data = dict(train_images=pretext.images[train_idx], train_labels=pretext.labels[train_idx],
                         val_images=pretext.images[val_idx], val_labels=pretext.labels[val_idx])
     precision = f'{device}:{inputs.amp if device == "cuda" else "fp32"}:det={inputs.deterministic}'
+    if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
+        precision += f':ws={get_world_size()}'
     search_cfg = dict(config.get('lr_search') or {})
 
     parent_file, parent_key = (None, None)
@@ -132,11 +136,13 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         record_path = os.path.join(directory, STAGE_FILE)
         if progress:
             progress('stage', index + 1, len(plan.stages), {'task': stage.task, 'key': key})
-        with stage_lock(directory):
+        with stage_lock(directory) if get_rank() == 0 else nullcontext():
             record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs,
                                       search_cfg, storage, knn_data, progress, stage_started)
         stages.append(record)
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
+    if get_rank() != 0:
+        return None  # DDP: the other ranks' share ends with the stages; rank 0 evaluates and records
 
     downstream_data = _load_downstream_data(config, pretext)
     backbone = final_backbone(inputs.backbone_cfg, parent_file, seed)
@@ -201,11 +207,16 @@ def stage_lock(directory: str):
 
 def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs, search_cfg, storage,
                      knn_data, progress, stage_started) -> dict:
-    """The stage's record from the cache, or an LR search and a training run that fill the cache."""
-    if os.path.exists(record_path):
-        with open(record_path) as handle:
-            record = json.load(handle)
-        record.update(cache_hit=True, seconds=time.time() - stage_started)
+    """The stage's record from the cache, or an LR search and a training run that fill the cache. Under DDP every
+    rank trains; rank 0 decides cache hits, writes the record and shares it."""
+    cached = from_rank0(os.path.exists(record_path))
+    if cached:
+        record = None
+        if get_rank() == 0:
+            with open(record_path) as handle:
+                record = json.load(handle)
+            record.update(cache_hit=True, seconds=time.time() - stage_started)
+        return from_rank0(record)
     else:
         search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
                            os.path.join(directory, 'lr_search'), progress, knn_data)
@@ -213,10 +224,14 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
         record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
                       train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
-        write_json_atomic(record_path, record)
-        _drop_epoch_checkpoints(directory)
+        if get_rank() == 0:
+            write_json_atomic(record_path, record)
+            _drop_epoch_checkpoints(directory)
+        if is_distributed():
+            barrier()  # the next stage reads this stage's backbone file on every rank
         record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
-    return record
+    return from_rank0(record)
+
 
 
 def _public_url(url: str) -> str:

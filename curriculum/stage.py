@@ -160,6 +160,14 @@ def _optim_wrapper(cfg: dict, lr: float, inputs: StageInputs) -> dict:
     return wrapper
 
 
+def _ddp_wrapper(inputs: StageInputs) -> dict:
+    """DDP around the task: CPU modules take no device ids (mmengine's default passes LOCAL_RANK, which only works
+    on GPUs); unused parameters are allowed (SwAV freezes its prototypes for the first iterations)."""
+    device_ids = [int(os.environ.get('LOCAL_RANK', 0))] if inputs.device == 'cuda' else None
+    return dict(type='MMDistributedDataParallel', device_ids=device_ids, broadcast_buffers=False,
+                find_unused_parameters=True)
+
+
 def _runner(task, work_dir: str, loader: DataLoader, train_cfg: dict, optim_wrapper: dict, schedulers,
             hooks: list, inputs: StageInputs, checkpoints: bool, tensorboard: bool) -> EngineRunner:
     default_hooks = dict(
@@ -185,6 +193,7 @@ def _runner(task, work_dir: str, loader: DataLoader, train_cfg: dict, optim_wrap
         custom_hooks=hooks + list(unwrap(task).hooks()),
         randomness=dict(seed=inputs.seed, deterministic=inputs.deterministic),
         launcher='pytorch' if is_distributed() else 'none',
+        cfg=dict(model_wrapper_cfg=_ddp_wrapper(inputs)) if is_distributed() else None,
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl' if inputs.device == 'cuda' else 'gloo')),
         default_scope='mmpretrain',
         visualizer=visualizer,

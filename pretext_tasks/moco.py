@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from mmengine.dist import get_world_size
 from mmpretrain.models.heads import ContrastiveHead
 
 from .augment import (
@@ -81,7 +82,8 @@ class MoCoTask(PretextTask):
             raise PretextConfigError(f'moco: momentum must be in [0.5, 1) (MoCo convention, e.g. 0.999), '
                                      f'got {momentum}')
         self.feat_dim = int(self.cfg('feat_dim', 128))
-        self.queue_len = moco_queue_length(self.num_images, int(self.cfg('batch_size', 64)),
+        # under DDP the keys of every rank are enqueued together: the queue holds whole global batches
+        self.queue_len = moco_queue_length(self.num_images, int(self.cfg('batch_size', 64)) * get_world_size(),
                                            self.cfg('queue_len'), float(self.cfg('queue_fraction', 0.5)))
         self.crop_scale = tuple(self.cfg('crop_scale', (0.2, 1.0)))
         self.color_strength = float(self.cfg('color_strength', 1.0))
@@ -127,7 +129,7 @@ class MoCoTask(PretextTask):
 
     def compute_loss(self, images: torch.Tensor, indices: torch.Tensor,
                      generator: torch.Generator) -> dict[str, torch.Tensor]:
-        batch = images.shape[0]
+        batch = images.shape[0] * get_world_size()
         if self.queue_len % batch:
             raise PretextConfigError(f'moco: batch of {batch} does not divide the queue length {self.queue_len} '
                                      f'(use drop_last and a batch size dividing it)')

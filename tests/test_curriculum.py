@@ -132,3 +132,32 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     for protocol, metrics in expected['downstream'].items():
         assert result['downstream'][protocol]['balanced_accuracy'] == pytest.approx(
             metrics['balanced_accuracy'], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu_gives_one_result_with_the_same_schema(tmp_path):
+    """DDP on CPU (gloo): two ranks train every stage and LR trial together; rank 0 alone evaluates and records."""
+    work_root = tmp_path / 'root'
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    args = [a if a != '1' or SMALL[i - 1] != '--lr-trials' else '2' for i, a in enumerate(SMALL)]
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           TOOL, '--order', 'odc,moco', '--device', 'cpu', '--work-root', str(work_root), *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(work_root / 'odc,moco' / 'result.json') as handle:
+        result = json.load(handle)
+    assert [s['task'] for s in result['stages']] == ['odc', 'moco']
+    for stage in result['stages']:
+        assert {'task', 'lr', 'epochs', 'lr_search', 'final_loss', 'seconds', 'cache_hit'} <= set(stage)
+        assert len(stage['lr_search']['trials']) == 2
+        assert all({'lr', 'score', 'state'} <= set(t) for t in stage['lr_search']['trials'])
+        assert stage['final_loss'] is not None and stage['cache_hit'] is False
+    for metrics in result['downstream'].values():
+        assert {'balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa'} <= set(metrics)
+    from curriculum.results import default_results_url, load_runs
+    assert len(load_runs(default_results_url(str(work_root)))) == 1      # one record, not one per rank
+    # a DDP stage (global batch = 2 × batch) is a different stage from a single-process one
+    single = run_tool(['--order', 'odc', '--device', 'cpu', '--lr-trials', '0', *SMALL], work_root, timeout=600)
+    assert single.returncode == 0, single.stderr
+    with open(work_root / 'odc' / 'result.json') as handle:
+        assert json.load(handle)['stages'][0]['cache_hit'] is False

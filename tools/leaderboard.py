@@ -3,7 +3,8 @@
 
     python tools/leaderboard.py --tasks relloc,moco,odc --max-len 3 [--out DIR] [--workers N] [--storage URL]
         [--baselines none[,PATH]] [--seeds 0,1,2] [run_curriculum flags ...]
-    python tools/leaderboard.py --from-results [--results URL] [--out DIR]
+    python tools/leaderboard.py --orders odc moco odc,moco relloc,odc,moco [--seeds 0,1,2] [run_curriculum flags ...]
+    python tools/leaderboard.py --from-results [--results URL|FILE.jsonl] [--out DIR]
 
 Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. Sweeps reuse the stage cache
 (a stage is run once per distinct prefix) and the results store (a finished ordering is not run again).
@@ -24,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--tasks', default=None, help='comma-separated pretext tasks to order')
     parser.add_argument('--max-len', type=int, default=None, help='longest ordering (default: all tasks)')
+    parser.add_argument('--orders', nargs='+', default=None, metavar='ORDER',
+                        help='explicit orderings instead of --tasks/--max-len (each comma-separated)')
     parser.add_argument('--out', default=None, help='output folder (default <work-root>/leaderboard)')
     parser.add_argument('--workers', type=int, default=1, help='worker processes sharing the sweep')
     parser.add_argument('--storage', default=None,
@@ -43,14 +46,26 @@ def build_jobs(args) -> list[dict]:
     from curriculum.leaderboard import all_orderings
     from curriculum.plan import parse_order
 
-    if not args.tasks:
-        raise PlanError('--tasks is required unless --from-results is given')
-    tasks = parse_order(args.tasks)
-    if not tasks:
-        raise PlanError('--tasks must name at least one pretext task')
-    max_len = args.max_len or len(tasks)
-    if max_len < 1:
-        raise PlanError(f'--max-len must be at least 1, got {max_len}')
+    if args.orders and args.tasks:
+        raise PlanError('give either --tasks (every ordering up to --max-len) or --orders, not both')
+    if args.orders:
+        orderings = []
+        for text in args.orders:
+            ordering = tuple(parse_order(text))
+            if not ordering:
+                raise PlanError('--orders lists pretext orderings; baselines go in --baselines')
+            if ordering not in orderings:
+                orderings.append(ordering)
+    else:
+        if not args.tasks:
+            raise PlanError('--tasks or --orders is required unless --from-results is given')
+        tasks = parse_order(args.tasks)
+        if not tasks:
+            raise PlanError('--tasks must name at least one pretext task')
+        max_len = args.max_len or len(tasks)
+        if max_len < 1:
+            raise PlanError(f'--max-len must be at least 1, got {max_len}')
+        orderings = all_orderings(tasks, max_len)
     try:
         seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
     except ValueError:
@@ -63,7 +78,7 @@ def build_jobs(args) -> list[dict]:
             raise PlanError(f'baseline weights file not found: {base}')
     jobs = []
     for seed in seeds:
-        for ordering in all_orderings(tasks, max_len):
+        for ordering in orderings:
             jobs.append({'order': ','.join(ordering), 'seed': seed, 'init': None})
         for base in baselines:
             jobs.append({'order': 'none', 'seed': seed, 'init': None if base == 'none' else os.path.abspath(base)})

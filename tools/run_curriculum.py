@@ -49,15 +49,21 @@ def main(argv=None) -> int:
     work_root = args.work_root
     work_dir = args.work_dir or os.path.join(work_root, plan.label)
     results_url = args.results or default_results_url(work_root)
-    from curriculum.run import run_curriculum
+    from curriculum.distributed import init_from_env
+    from curriculum.run import resolve_device, run_curriculum
+
+    # torchrun --nproc_per_node=K: one DDP process group for every stage (gloo on CPU, NCCL on CUDA)
+    init_from_env(resolve_device(plan.config['device']))
+    from mmengine.dist import get_rank
 
     try:
         result = run_curriculum(plan, work_dir, work_root, results_url, init_path=args.init,
                                 optuna_storage=args.optuna_storage,
-                                progress=None if args.quiet else progress_printer())
+                                progress=None if args.quiet or get_rank() != 0 else progress_printer())
     except USER_ERRORS as exc:
         return fail(exc)
-    print_summary(result, os.path.join(work_dir, 'result.json'))
+    if result is not None:  # rank 0 (or a single process) evaluates, records and reports
+        print_summary(result, os.path.join(work_dir, 'result.json'))
     return 0
 
 

@@ -1,0 +1,367 @@
+"""Study reports: experiment files (a run config plus a ``study:`` section) and ``docs/results.md``.
+
+The report is rendered from compact JSON Lines exports of the results store only, so it can be rebuilt in seconds
+on any machine and compared byte for byte. It holds, per experiment: the set-up as run, computed findings (the
+best multi-task ordering, chosen on the validation split, against training from scratch and against the best
+single task, with paired 95 % CIs over seeds), whether the curriculum label predicts the gain, the leaderboards
+of :mod:`curriculum.leaderboard`, a label-efficiency plot, reference numbers from the literature, and the
+hand-written discussion ``docs/results_discussion.md``. Written here: no library knows this study's layout.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PlanError
+from .leaderboard import build_leaderboards, comparison_key, curriculum_label, render_markdown, run_label, t_quantile
+from .plan import parse_order, read_yaml
+
+DISCUSSION_FILE = 'results_discussion.md'
+PLOT_FILE = 'results_label_efficiency.png'
+#: numbers quoted from the literature (not measured here)
+REFERENCES = [
+    ('Sirotkin et al. 2021 (arXiv:2112.12086), ISIC-2019, fine-tuned ResNet, balanced accuracy',
+     [('ODC→MoCo v2 (best curriculum)', '75.44'), ('MoCo v2 alone', '72.74'), ('ImageNet weights', '73.76'),
+      ('from scratch', '49.27')]),
+    ('MedMNIST v2 (Yang et al. 2023), DermaMNIST 28 px, supervised ResNet-18, MedMNIST split (not lesion-grouped)',
+     [('accuracy', '73.5'), ('AUC', '91.7')]),
+]
+
+
+@dataclass
+class Study:
+    name: str
+    orders: list[tuple[str, ...]]
+    seeds: list[int]
+    label_fractions: list[float]
+    baselines: list[str]
+
+
+@dataclass
+class Experiment:
+    path: str
+    config: dict
+    study: Study
+
+
+def load_experiment(path: str) -> Experiment:
+    """Read and check an experiment file (``yaml.safe_load``); the run config itself is checked by the plan."""
+    config = read_yaml(path)
+    section = config.get('study')
+    if not isinstance(section, dict):
+        raise PlanError(f'{path}: no "study:" section (name, orders, seeds, label_fractions, baselines)')
+    name = str(section.get('name') or '')
+    if not re.fullmatch(r'[A-Za-z0-9_.-]+', name):
+        raise PlanError(f'{path}: study.name must be letters, digits, "_", "-" or ".", got {name!r}')
+    orders_text = section.get('orders') or []
+    if not isinstance(orders_text, list) or not orders_text:
+        raise PlanError(f'{path}: study.orders must be a non-empty list of orderings like "odc,moco"')
+    orders = []
+    for text in orders_text:
+        order = tuple(parse_order(str(text)))
+        if not order:
+            raise PlanError(f'{path}: study.orders lists pretext orderings; "none" goes in study.baselines')
+        orders.append(order)
+    seeds = section.get('seeds', [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise PlanError(f'{path}: study.seeds must be a list of non-negative integers, got {seeds!r}')
+    fractions = section.get('label_fractions', [1.0])
+    if not isinstance(fractions, list) or not fractions or not all(
+            isinstance(f, (int, float)) and 0 < f <= 1 for f in fractions):
+        raise PlanError(f'{path}: study.label_fractions must be a list of numbers in (0, 1], got {fractions!r}')
+    baselines = section.get('baselines', ['none'])
+    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
+        raise PlanError(f'{path}: study.baselines must be a list ("none" and/or weight files)')
+    return Experiment(os.path.abspath(path), config,
+                      Study(name, orders, list(seeds), [float(f) for f in fractions], list(baselines)))
+
+
+# --- statistics over seeds -------------------------------------------------------------------------------------
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and Student-t 95 % interval (nan bounds for fewer than two values)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float('nan'), float('nan'), float('nan')
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, float('nan'), float('nan')
+    half = t_quantile(len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of a − b over the seeds both have, its 95 % t interval and the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds if math.isfinite(a[s]) and math.isfinite(b[s])]
+    mean, low, high = mean_ci(diffs)
+    return mean, low, high, len(diffs)
+
+
+def _pct(value: float) -> str:
+    return '-' if value is None or not math.isfinite(value) else f'{value * 100:.2f}'
+
+
+def _with_ci(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(low):
+        return _pct(mean)
+    return f'{_pct(mean)} [{_pct(low)}, {_pct(high)}]'
+
+
+def _signed_ci(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(mean):
+        return '-'
+    text = f'{mean * 100:+.2f}'
+    return text if not math.isfinite(low) else f'{text} [{low * 100:+.2f}, {high * 100:+.2f}]'
+
+
+def _verdict(low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return 'no interval (fewer than 2 paired seeds)'
+    if low > 0:
+        return 'better (95% CI above 0)'
+    if high < 0:
+        return 'worse (95% CI below 0)'
+    return 'no significant difference (95% CI contains 0)'
+
+
+# --- per-board findings ----------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One ordering (or baseline) under one protocol: test and val headline per seed."""
+    label: str
+    order: tuple[str, ...]
+    baseline: bool
+    test: dict[int, float]
+    val: dict[int, float]
+
+    def test_mean(self) -> float:
+        return mean_ci(list(self.test.values()))[0]
+
+    def val_mean(self) -> float:
+        return mean_ci(list(self.val.values()))[0]
+
+
+def _cells(runs: list[dict], protocol: str) -> tuple[str, dict[str, Cell]]:
+    cells: dict[str, Cell] = {}
+    headline = 'balanced_accuracy'
+    for run in runs:
+        metrics = (run.get('downstream') or {}).get(protocol)
+        if not metrics:
+            continue
+        headline = metrics.get('headline', headline)
+        label = run_label(run)
+        cell = cells.setdefault(label, Cell(label, tuple(run['order']), not run['order'] or bool(run.get('init')),
+                                            {}, {}))
+        value = metrics.get(headline)
+        cell.test[int(run['seed'])] = float('nan') if value is None else float(value)
+        val = (metrics.get('val') or {}).get(headline)
+        cell.val[int(run['seed'])] = float('nan') if val is None else float(val)
+    return headline, cells
+
+
+def _nan_low(value: float) -> float:
+    return value if math.isfinite(value) else -1e9
+
+
+def findings(runs: list[dict], protocol: str) -> list[str]:
+    """Computed statements for one board: best multi-task ordering (chosen on val) vs scratch and vs the best single
+    task (chosen on val), with paired 95 % CIs over seeds; and the mean gain by curriculum label."""
+    headline, cells = _cells(runs, protocol)
+    multi = [c for c in cells.values() if len(c.order) >= 2 and not c.baseline]
+    single = [c for c in cells.values() if len(c.order) == 1 and not c.baseline]
+    scratch = cells.get('none')
+    lines = []
+    if multi:
+        best = max(multi, key=lambda c: _nan_low(c.val_mean()))
+        lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
+                     f'{_with_ci(*mean_ci(list(best.test.values())))} over {len(best.test)} seed(s).')
+        if scratch:
+            diff = paired_difference(best.test, scratch.test)
+            lines.append(f'  - vs from scratch ({_with_ci(*mean_ci(list(scratch.test.values())))}): '
+                         f'{_signed_ci(*diff[:3])} points over {diff[3]} paired seed(s): {_verdict(*diff[1:3])}.')
+        if single:
+            best_single = max(single, key=lambda c: _nan_low(c.val_mean()))
+            diff = paired_difference(best.test, best_single.test)
+            lines.append(f'  - vs the best single task, **{best_single.label}** '
+                         f'({_with_ci(*mean_ci(list(best_single.test.values())))}): {_signed_ci(*diff[:3])} '
+                         f'points over {diff[3]} paired seed(s): {_verdict(*diff[1:3])}.')
+    if single and scratch:
+        top = max(single, key=lambda c: _nan_low(c.val_mean()))
+        diff = paired_difference(top.test, scratch.test)
+        lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_signed_ci(*diff[:3])} '
+                     f'points: {_verdict(*diff[1:3])}.')
+    scores = {c.order[0]: c.test_mean() for c in single}
+    by_label: dict[str, list[float]] = {}
+    for cell in multi:
+        first = cells.get(cell.order[0])
+        label = curriculum_label(cell.order, scores)
+        if first is None or label == '-':
+            continue
+        by_label.setdefault(label, []).append(cell.test_mean() - first.test_mean())
+    if by_label:
+        parts = [f'{label}: {np.mean(gains) * 100:+.2f} over {len(gains)} ordering(s)'
+                 for label, gains in sorted(by_label.items())]
+        lines.append('- Mean gain of a multi-task ordering over its first task alone, by curriculum label: '
+                     + '; '.join(parts) + '.')
+    return lines
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+
+def _experiment_runs(results_dir: str) -> dict[str, list[dict]]:
+    from .results import read_jsonl
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, '*.jsonl'))):
+        out[os.path.splitext(os.path.basename(path))[0]] = read_jsonl(path)
+    return out
+
+
+def _setup_lines(name: str, runs: list[dict]) -> list[str]:
+    config = runs[0].get('config') or {}
+    study = config.get('study') or {}
+    tasks = sorted({stage['task'] for run in runs for stage in run.get('stages', [])})
+    epochs = {}
+    for run in runs:
+        for stage in run.get('stages', []):
+            epochs[stage['task']] = stage['epochs']
+    stage_seconds = {}
+    for run in runs:
+        for stage in run.get('stages', []):
+            if not stage.get('cache_hit'):
+                stage_seconds[stage.get('key')] = float(stage.get('seconds') or 0.0)
+    eval_seconds = sum(float(r.get('seconds') or 0.0) for r in runs) - 0.0
+    devices = sorted({r.get('device', '?') for r in runs})
+    versions = runs[-1].get('versions') or {}
+    evaluation = config.get('evaluation') or {}
+    return [
+        f'- Command: `python tools/study.py run configs/experiments/{name}.yaml` (then `python tools/study.py '
+        'render`).',
+        f'- Data: `{config.get("dataset")}` at `{config.get("data_root")}`, {config.get("image_size")} px; '
+        f'downstream `{runs[0].get("downstream_dataset")}`; split {runs[0].get("split")}.',
+        f'- Backbone: {config.get("backbone")}; stage epochs: '
+        + ', '.join(f'{t} {epochs[t]}' for t in tasks) + f'; LR-search trials per stage: '
+        f'{(config.get("lr_search") or {}).get("trials")}.',
+        f'- Protocols: {", ".join(evaluation.get("protocols") or [])}; fine-tuning epochs: '
+        f'{(evaluation.get("epochs") or {}).get("finetune", "default")}; seeds planned: {study.get("seeds")}; '
+        f'label fractions planned: {study.get("label_fractions")}.',
+        f'- Stored runs: {len(runs)}; distinct stages trained: {len(stage_seconds)} '
+        f'({sum(stage_seconds.values()) / 60:.1f} min); wall time of all runs incl. cached stages and downstream: '
+        f'{eval_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
+        f'mmpretrain {versions.get("mmpretrain")}, {versions.get("platform")}.',
+    ]
+
+
+def _missing_cells(runs: list[dict]) -> list[str]:
+    study = (runs[0].get('config') or {}).get('study') or {}
+    wanted = set()
+    for fraction in study.get('label_fractions', [1.0]):
+        for seed in study.get('seeds', [0]):
+            for order in list(study.get('orders', [])) + list(study.get('baselines', ['none'])):
+                wanted.add((str(order), int(seed), float(fraction)))
+    have = {(run_label(r), int(r['seed']), float(r.get('label_fraction', 1.0))) for r in runs}
+    missing = sorted(wanted - have, key=lambda x: (x[2], x[0], x[1]))
+    return [f'{order} seed {seed} fraction {fraction:g}' for order, seed, fraction in missing]
+
+
+def _plot_label_efficiency(experiments: dict[str, list[dict]], path: str) -> bool:
+    """Headline metric against label fraction: scratch, every single task and the multi-task orderings."""
+    panels = []
+    for name, runs in experiments.items():
+        fractions = sorted({float(r.get('label_fraction', 1.0)) for r in runs})
+        protocols = sorted({p for r in runs for p in r.get('downstream', {})})
+        if len(fractions) >= 2:
+            panels.extend((name, protocol) for protocol in protocols)
+    if not panels:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for axis, (name, protocol) in zip(axes[0], panels):
+        runs = experiments[name]
+        series: dict[str, dict[float, list[float]]] = {}
+        headline = 'balanced_accuracy'
+        for run in runs:
+            metrics = (run.get('downstream') or {}).get(protocol)
+            if not metrics:
+                continue
+            headline = metrics.get('headline', headline)
+            value = metrics.get(headline)
+            if value is not None:
+                series.setdefault(run_label(run), {}).setdefault(float(run.get('label_fraction', 1.0)),
+                                                                 []).append(float(value) * 100)
+        for label in sorted(series):
+            points = sorted(series[label].items())
+            xs = [x for x, _ in points]
+            ys = [float(np.mean(v)) for _, v in points]
+            multi = ',' in label
+            style = dict(color='black', linewidth=2.2, linestyle='--') if label == 'none' else \
+                dict(linewidth=1.8 if multi else 1.0, alpha=0.95 if multi else 0.6, marker='o' if multi else '.')
+            axis.plot(xs, ys, label=label, **style)
+        axis.set_xscale('log')
+        axis.set_xlabel('label fraction of the training split')
+        axis.set_ylabel(f'{headline} (%) on test, mean over seeds')
+        axis.set_title(f'{name} · {protocol}', fontsize=10)
+        axis.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={'Software': None})
+    plt.close(fig)
+    return True
+
+
+def render_report(results_dir: str, out_dir: str, discussion_path: str | None = None) -> str:
+    """The text of ``docs/results.md`` from the exports in ``results_dir``; the label-efficiency PNG is written to
+    ``out_dir``; ``discussion_path`` (default ``<out_dir>/results_discussion.md``) is included when it exists."""
+    experiments = _experiment_runs(results_dir)
+    if not experiments:
+        raise PlanError(f'no stored study results (*.jsonl) in {results_dir}')
+    parts = ['# Results: does curricular SSL beat single tasks and training from scratch?', '',
+             '<!-- Generated by `python tools/study.py render` from docs/results/*.jsonl; do not edit by hand. '
+             'The discussion comes from docs/results_discussion.md. -->', '',
+             'Every number below was measured by this engine on the data named in each section and is re-rendered '
+             'from the stored runs in `docs/results/`. Balanced accuracy is the headline metric (macro recall over '
+             'the classes present in the test split); 95% confidence intervals are Student-t over seeds (or a '
+             'bootstrap over test images for a single seed). The "best multi-task ordering" and the "best single '
+             'task" are chosen on the **validation** split, then reported on the test split, so the comparison is '
+             'not tuned on test.', '']
+    for name, runs in experiments.items():
+        parts += [f'## {name}', '', '### Set-up', '', *_setup_lines(name, runs), '']
+        missing = _missing_cells(runs)
+        if missing:
+            parts += [f'**Incomplete:** {len(missing)} planned run(s) are not stored yet: '
+                      + ', '.join(missing[:12]) + (' …' if len(missing) > 12 else '') + '.', '']
+        groups: dict[str, list[dict]] = {}
+        for run in runs:
+            groups.setdefault(comparison_key(run), []).append(run)
+        parts += ['### Findings', '']
+        for key in sorted(groups, key=lambda k: -float(groups[k][0].get('label_fraction', 1.0))):
+            group = groups[key]
+            fraction = float(group[0].get('label_fraction', 1.0))
+            for protocol in sorted({p for r in group for p in r.get('downstream', {})}):
+                parts.append(f'**{protocol}, label fraction {fraction:g}**')
+                parts.append('')
+                parts += findings(group, protocol) or ['- not enough runs for a comparison yet.']
+                parts.append('')
+        parts += ['### Leaderboards', '', render_markdown(build_leaderboards(runs)), '']
+    if _plot_label_efficiency(experiments, os.path.join(out_dir, PLOT_FILE)):
+        parts += ['## Label efficiency', '', f'![label efficiency]({PLOT_FILE})', '',
+                  'Test headline metric against the labeled fraction of the training split (drawn per class), '
+                  'mean over seeds; dashed black: from scratch.', '']
+    parts += ['## Reference numbers from the literature (quoted, not measured here)', '']
+    for title, rows in REFERENCES:
+        parts.append(f'- {title}: ' + '; '.join(f'{what} {value}' for what, value in rows) + '.')
+    parts.append('')
+    discussion = discussion_path or os.path.join(out_dir, DISCUSSION_FILE)
+    if os.path.exists(discussion):
+        with open(discussion) as handle:
+            parts += ['## Discussion', '', handle.read().strip(), '']
+    return '\n'.join(parts)

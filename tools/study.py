@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Run a study of orderings on real data and publish it as ``docs/results.md``.
+
+    python tools/study.py run configs/experiments/ham10000.yaml [--work-root work_dirs/study] [--workers N]
+    python tools/study.py render [--out docs/results.md]
+
+An experiment file is a run config (usable as ``tools/run_curriculum.py --config FILE``) with a ``study:`` section:
+``name``, ``orders`` (the orderings), ``seeds``, ``label_fractions`` and ``baselines``. ``run`` runs every cell that
+is not stored yet through ``tools/leaderboard.py`` (prefix cache, resumable, any number of workers) and after each
+label fraction exports the experiment's runs, compacted, to ``docs/results/<name>.jsonl``. Those exports are the
+study's stored results: ``run`` first loads them into the results store, so a study interrupted on one machine
+continues on another without redoing finished runs; ``render`` rebuilds ``docs/results.md`` from them alone, in
+seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS_DIR = os.path.join(ROOT, 'docs', 'results')
+REPORT = os.path.join(ROOT, 'docs', 'results.md')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+    run = sub.add_parser('run', help='run (or continue) one experiment')
+    run.add_argument('experiment', help='configs/experiments/<name>.yaml')
+    run.add_argument('--work-root', default=os.path.join('work_dirs', 'study'))
+    run.add_argument('--workers', type=int, default=1)
+    run.add_argument('--results-dir', default=RESULTS_DIR, help='where the compact exports live')
+    run.add_argument('--label-fractions', default=None, help='only these label fractions (comma-separated)')
+    run.add_argument('--seeds', default=None, help='only these seeds (comma-separated)')
+    run.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
+    render = sub.add_parser('render', help='rebuild docs/results.md from the compact exports')
+    render.add_argument('--results-dir', default=RESULTS_DIR)
+    render.add_argument('--out', default=REPORT)
+    return parser.parse_args(argv)
+
+
+def run_experiment(args) -> int:
+    from curriculum.report import load_experiment
+    from curriculum.results import default_results_url, export_runs, import_runs, load_runs, read_jsonl
+
+    experiment = load_experiment(args.experiment)
+    study = experiment.study
+    export = os.path.join(args.results_dir, f'{study.name}.jsonl')
+    results_url = default_results_url(args.work_root)
+    os.makedirs(args.work_root, exist_ok=True)
+    if os.path.exists(export):
+        added = import_runs(results_url, read_jsonl(export))
+        if added:
+            print(f'[study] {study.name}: {added} stored run(s) loaded from {export}', flush=True)
+    fractions = study.label_fractions
+    if args.label_fractions:
+        fractions = [float(f) for f in args.label_fractions.split(',')]
+    seeds = study.seeds if not args.seeds else [int(s) for s in args.seeds.split(',')]
+    for fraction in fractions:
+        argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
+                '--orders', *[','.join(order) for order in study.orders],
+                '--seeds', ','.join(str(s) for s in seeds), '--baselines', ','.join(study.baselines) or 'none',
+                '--label-fraction', f'{fraction:g}', '--work-root', args.work_root, '--workers', str(args.workers),
+                '--out', os.path.join(args.work_root, 'leaderboards', f'{study.name}-{fraction:g}'), '--quiet']
+        if args.device:
+            argv += ['--device', args.device]
+        print(f'[study] {study.name}: label fraction {fraction:g}, {len(study.orders)} orderings + '
+              f'{len(study.baselines)} baseline(s), seeds {seeds}', flush=True)
+        code = subprocess.call(argv)
+        runs = [r for r in load_runs(results_url) if (r.get('config') or {}).get('study', {}).get('name')
+                == study.name]
+        count = export_runs(runs, export)
+        print(f'[study] {study.name}: {count} run(s) exported to {export}', flush=True)
+        if code:
+            return code
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if getattr(args, 'device', None) == 'cpu':
+        os.environ['CUDA_VISIBLE_DEVICES'] = ''
+    from curriculum.cli import fail
+    from curriculum.errors import USER_ERRORS
+
+    try:
+        if args.command == 'run':
+            return run_experiment(args)
+        from curriculum.report import render_report
+
+        text = render_report(args.results_dir, os.path.dirname(os.path.abspath(args.out)))
+        with open(args.out + '.tmp', 'w') as handle:
+            handle.write(text)
+        os.replace(args.out + '.tmp', args.out)
+        print(f'written: {args.out}')
+        return 0
+    except (ValueError, *USER_ERRORS) as exc:
+        return fail(exc)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
