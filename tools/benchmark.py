@@ -365,7 +365,8 @@ def render_markdown(out: dict) -> str:
                   f'| {lr["task"]} | {st["image_size"]} | {st["epochs"]} | {st["num_train_images"]} | '
                   f'{lr["trials"]} × {lr["iterations_per_trial"]} (vs {lr["training_iterations"]} training) | '
                   f'{_f(lr["lr_search_seconds"], 1)} | {_f(lr["train_seconds"], 1)} | **{_f(lr["fraction"])}** |',
-                  '', f'Config: configs/default.yaml with {json.dumps(st["overrides"])}.'
+                  '', f'Config: configs/default.yaml with {json.dumps(st["overrides"])}. Training seconds: '
+                  f'{lr.get("train_seconds_rule", "measured")} ({_f(lr.get("measured_epoch_seconds"), 1)} s measured).'
                   + (f' {lr["note"]}.' if lr.get('note') else ''), '']
     if out.get('goals'):
         lines += ['## Goals', '', '| goal | measured | met | what limits it |', '|---|---|---|---|']
