@@ -148,14 +148,18 @@ class Cell:
         return mean_ci(list(self.val.values()))[0]
 
 
+def _protocol_runs(runs: list[dict], protocol: str):
+    """``(run, metrics, headline)`` for every run evaluated with ``protocol``."""
+    for run in runs:
+        metrics = (run.get('downstream') or {}).get(protocol)
+        if metrics:
+            yield run, metrics, metrics.get('headline', 'balanced_accuracy')
+
+
 def _cells(runs: list[dict], protocol: str) -> tuple[str, dict[str, Cell]]:
     cells: dict[str, Cell] = {}
     headline = 'balanced_accuracy'
-    for run in runs:
-        metrics = (run.get('downstream') or {}).get(protocol)
-        if not metrics:
-            continue
-        headline = metrics.get('headline', headline)
+    for run, metrics, headline in _protocol_runs(runs, protocol):
         label = run_label(run)
         cell = cells.setdefault(label, Cell(label, tuple(run['order']), not run['order'] or bool(run.get('init')),
                                             {}, {}))
@@ -290,11 +294,7 @@ def _plot_label_efficiency(experiments: dict[str, list[dict]], path: str) -> boo
         runs = experiments[name]
         series: dict[str, dict[float, list[float]]] = {}
         headline = 'balanced_accuracy'
-        for run in runs:
-            metrics = (run.get('downstream') or {}).get(protocol)
-            if not metrics:
-                continue
-            headline = metrics.get('headline', headline)
+        for run, metrics, headline in _protocol_runs(runs, protocol):
             value = metrics.get(headline)
             if value is not None:
                 series.setdefault(run_label(run), {}).setdefault(float(run.get('label_fraction', 1.0)),
