@@ -2,12 +2,13 @@
 """Run a study of orderings on real data and publish it as ``docs/results.md``.
 
     python tools/study.py run configs/experiments/ham10000.yaml [--work-root work_dirs/study] [--workers N]
+    python tools/study.py export configs/experiments/ham10000.yaml [--work-root work_dirs/study]
     python tools/study.py render [--out docs/results.md]
 
 An experiment file is a run config (usable as ``tools/run_curriculum.py --config FILE``) with a ``study:`` section:
 ``name``, ``orders`` (the orderings), ``seeds``, ``label_fractions`` and ``baselines``. ``run`` runs every cell that
 is not stored yet through ``tools/leaderboard.py`` (prefix cache, resumable, any number of workers) and after each
-label fraction exports the experiment's runs, compacted, to ``docs/results/<name>.jsonl``. Those exports are the
+label fraction exports the experiment's runs (``export`` does only that, e.g. after an interruption), compacted, to ``docs/results/<name>.jsonl``. Those exports are the
 study's stored results: ``run`` first loads them into the results store, so a study interrupted on one machine
 continues on another without redoing finished runs; ``render`` rebuilds ``docs/results.md`` from them alone, in
 seconds.
@@ -36,15 +37,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument('--label-fractions', default=None, help='only these label fractions (comma-separated)')
     run.add_argument('--seeds', default=None, help='only these seeds (comma-separated)')
     run.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
+    export = sub.add_parser('export', help='export the stored runs of one experiment (no training)')
+    export.add_argument('experiment', help='configs/experiments/<name>.yaml')
+    export.add_argument('--work-root', default=os.path.join('work_dirs', 'study'))
+    export.add_argument('--results-dir', default=RESULTS_DIR)
     render = sub.add_parser('render', help='rebuild docs/results.md from the compact exports')
     render.add_argument('--results-dir', default=RESULTS_DIR)
     render.add_argument('--out', default=REPORT)
     return parser.parse_args(argv)
 
 
+def export_experiment(name: str, results_url: str, export: str) -> int:
+    """Write the store's runs of study ``name`` (merged with those already exported) to ``export``."""
+    from curriculum.results import export_runs, load_runs, read_jsonl
+
+    runs = read_jsonl(export) if os.path.exists(export) else []
+    runs += [r for r in load_runs(results_url) if ((r.get('config') or {}).get('study') or {}).get('name') == name]
+    count = export_runs(runs, export)
+    print(f'[study] {name}: {count} run(s) exported to {export}', flush=True)
+    return count
+
+
 def run_experiment(args) -> int:
     from curriculum.report import load_experiment
-    from curriculum.results import default_results_url, export_runs, import_runs, load_runs, read_jsonl
+    from curriculum.results import default_results_url, import_runs, read_jsonl
 
     experiment = load_experiment(args.experiment)
     study = experiment.study
@@ -70,10 +86,7 @@ def run_experiment(args) -> int:
         print(f'[study] {study.name}: label fraction {fraction:g}, {len(study.orders)} orderings + '
               f'{len(study.baselines)} baseline(s), seeds {seeds}', flush=True)
         code = subprocess.call(argv)
-        runs = [r for r in load_runs(results_url) if (r.get('config') or {}).get('study', {}).get('name')
-                == study.name]
-        count = export_runs(runs, export)
-        print(f'[study] {study.name}: {count} run(s) exported to {export}', flush=True)
+        export_experiment(study.name, results_url, export)
         if code:
             return code
     return 0
@@ -89,6 +102,14 @@ def main(argv=None) -> int:
     try:
         if args.command == 'run':
             return run_experiment(args)
+        if args.command == 'export':
+            from curriculum.report import load_experiment
+            from curriculum.results import default_results_url
+
+            name = load_experiment(args.experiment).study.name
+            export_experiment(name, default_results_url(args.work_root),
+                              os.path.join(args.results_dir, f'{name}.jsonl'))
+            return 0
         from curriculum.report import render_report
 
         text = render_report(args.results_dir, os.path.dirname(os.path.abspath(args.out)))
