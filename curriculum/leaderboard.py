@@ -57,8 +57,9 @@ def curriculum_label(ordering: tuple[str, ...], single_scores: dict[str, float])
 
 
 def comparison_key(result: dict) -> str:
-    """Runs are comparable when everything but the ordering, the seed and the init file is the same."""
-    config = {k: v for k, v in (result.get('config') or {}).items() if k != 'seed'}
+    """Runs are comparable when everything but the ordering, the seed and the init file is the same. A study's
+    ``study:`` section (what to run: orderings, seeds, fractions) is not part of how a run was made."""
+    config = {k: v for k, v in (result.get('config') or {}).items() if k not in ('seed', 'study')}
     text = json.dumps(config, sort_keys=True, default=str)
     import hashlib
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -228,20 +228,25 @@ def _experiment_runs(results_dir: str) -> dict[str, list[dict]]:
     return out
 
 
+def _latest(runs: list[dict]) -> dict:
+    """The most recently created run (its config states the study as last planned)."""
+    return max(runs, key=lambda r: str(r.get('created') or ''))
+
+
 def _setup_lines(name: str, runs: list[dict]) -> list[str]:
-    config = runs[0].get('config') or {}
+    config = _latest(runs).get('config') or {}
     study = config.get('study') or {}
-    tasks = sorted({stage['task'] for run in runs for stage in run.get('stages', [])})
-    epochs = {}
+    epochs = {task: (cfg or {}).get('epochs') for task, cfg in sorted((config.get('tasks') or {}).items())}
     for run in runs:
         for stage in run.get('stages', []):
             epochs[stage['task']] = stage['epochs']
+    tasks = sorted(epochs)
     stage_seconds = {}
     for run in runs:
         for stage in run.get('stages', []):
             if not stage.get('cache_hit'):
                 stage_seconds[stage.get('key')] = float(stage.get('seconds') or 0.0)
-    eval_seconds = sum(float(r.get('seconds') or 0.0) for r in runs) - 0.0
+    run_seconds = sum(float(r.get('seconds') or 0.0) for r in runs)
     devices = sorted({r.get('device', '?') for r in runs})
     versions = runs[-1].get('versions') or {}
     evaluation = config.get('evaluation') or {}
@@ -258,13 +263,13 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
         f'label fractions planned: {study.get("label_fractions")}.',
         f'- Stored runs: {len(runs)}; distinct stages trained: {len(stage_seconds)} '
         f'({sum(stage_seconds.values()) / 60:.1f} min); wall time of all runs incl. cached stages and downstream: '
-        f'{eval_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
+        f'{run_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
         f'mmpretrain {versions.get("mmpretrain")}, {versions.get("platform")}.',
     ]
 
 
 def _missing_cells(runs: list[dict]) -> list[str]:
-    study = (runs[0].get('config') or {}).get('study') or {}
+    study = (_latest(runs).get('config') or {}).get('study') or {}
     wanted = set()
     for fraction in study.get('label_fractions', [1.0]):
         for seed in study.get('seeds', [0]):
@@ -318,9 +323,24 @@ def _plot_label_efficiency(experiments: dict[str, list[dict]], path: str) -> boo
     return True
 
 
-def render_report(results_dir: str, out_dir: str, discussion_path: str | None = None) -> str:
+def _planned_only(experiments_dir: str | None, stored: dict) -> list[tuple[str, str]]:
+    """``(name, path)`` of the experiment files in ``experiments_dir`` that have no stored runs yet."""
+    if not experiments_dir:
+        return []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(experiments_dir)))  # the repository
+    out = []
+    for path in sorted(glob.glob(os.path.join(experiments_dir, '*.yaml'))):
+        name = load_experiment(path).study.name
+        if name not in stored:
+            out.append((name, os.path.relpath(os.path.abspath(path), root)))
+    return out
+
+
+def render_report(results_dir: str, out_dir: str, discussion_path: str | None = None,
+                  experiments_dir: str | None = None) -> str:
     """The text of ``docs/results.md`` from the exports in ``results_dir``; the label-efficiency PNG is written to
-    ``out_dir``; ``discussion_path`` (default ``<out_dir>/results_discussion.md``) is included when it exists."""
+    ``out_dir``; ``discussion_path`` (default ``<out_dir>/results_discussion.md``) is included when it exists;
+    experiments of ``experiments_dir`` without stored runs are listed as not run yet."""
     experiments = _experiment_runs(results_dir)
     if not experiments:
         raise PlanError(f'no stored study results (*.jsonl) in {results_dir}')
@@ -351,7 +371,11 @@ def render_report(results_dir: str, out_dir: str, discussion_path: str | None = 
                 parts.append('')
                 parts += findings(group, protocol) or ['- not enough runs for a comparison yet.']
                 parts.append('')
-        parts += ['### Leaderboards', '', render_markdown(build_leaderboards(runs)), '']
+        boards = render_markdown(build_leaderboards(runs)).replace('### ', '#### ')
+        parts += ['### Leaderboards', '', boards, '']
+    for name, path in _planned_only(experiments_dir, experiments):
+        parts += [f'## {name}', '', f'**Not run yet.** Planned in `{path}`; run it with '
+                  f'`python tools/study.py run {path}`.', '']
     if _plot_label_efficiency(experiments, os.path.join(out_dir, PLOT_FILE)):
         parts += ['## Label efficiency', '', f'![label efficiency]({PLOT_FILE})', '',
                   'Test headline metric against the labeled fraction of the training split (drawn per class), '

@@ -117,8 +117,8 @@ def test_docs_results_md_rerenders_identically_from_the_stored_results(tmp_path)
     """docs/results.md is exactly what the renderer makes of docs/results/*.jsonl (and the discussion file)."""
     report = os.path.join(DOCS, 'results.md')
     assert os.path.isfile(report), 'docs/results.md is missing: run python tools/study.py render'
-    text = render_report(os.path.join(DOCS, 'results'), str(tmp_path),
-                         os.path.join(DOCS, 'results_discussion.md'))
+    text = render_report(os.path.join(DOCS, 'results'), str(tmp_path), os.path.join(DOCS, 'results_discussion.md'),
+                         os.path.join(REPO, 'configs', 'experiments'))
     with open(report) as handle:
         assert handle.read() == text
     if 'label efficiency' in text:

@@ -112,7 +112,10 @@ def main(argv=None) -> int:
             return 0
         from curriculum.report import render_report
 
-        text = render_report(args.results_dir, os.path.dirname(os.path.abspath(args.out)))
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(out_dir, exist_ok=True)
+        text = render_report(args.results_dir, out_dir, os.path.join(out_dir, 'results_discussion.md'),
+                             os.path.join(ROOT, 'configs', 'experiments'))
         with open(args.out + '.tmp', 'w') as handle:
             handle.write(text)
         os.replace(args.out + '.tmp', args.out)
