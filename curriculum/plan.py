@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pretext_tasks.errors import PretextError
 from pretext_tasks.registry import TASKS
 
 from .errors import PlanError
@@ -198,6 +199,11 @@ def build_plan(order_text: str, config: dict) -> RunPlan:
     order = parse_order(order_text)
     validate_config(config)
     stages = [resolve_stage(task, config) for task in order]
+    for stage in stages:  # task checks that need only the image size (e.g. relloc's grid must fit the crop)
+        try:
+            TASKS[stage.task].check_config(stage.cfg, int(config['image_size']))
+        except PretextError as exc:
+            raise PlanError(str(exc)) from None
     if config.get('device') == 'cuda':
         import torch
         if not torch.cuda.is_available():

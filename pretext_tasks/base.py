@@ -52,6 +52,11 @@ class PretextTask(BaseModel):
     #: registered name (a contract used by ``--order``)
     name: ClassVar[str] = ''
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        """Checks of the task config that need no data (only the image size); raise PretextConfigError. Called when
+        a curriculum is planned, before any stage runs; the constructor checks everything again."""
+
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(data_preprocessor=dict(type='BaseDataPreprocessor'))
         if num_images < 2:

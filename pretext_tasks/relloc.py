@@ -140,6 +140,13 @@ class RelativeLocation(ClassificationPretext):
 
     name = 'relloc'
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        d = DEFAULTS
+        grid_geometry(int(image_size), float(task_cfg.get('patch_frac', d['patch_frac'])),
+                      float(task_cfg.get('gap_frac', d['gap_frac'])), float(task_cfg.get('jitter_frac',
+                                                                                          d['jitter_frac'])))
+
     def __init__(self, backbone, task_cfg, num_images, image_size, seed=0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         d = DEFAULTS

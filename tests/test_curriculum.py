@@ -43,6 +43,7 @@ def snapshot(folder):
     (['--order', 'none,odc'], '"none" cannot be combined'),
     (['--order', 'odc', '--cfg-options', 'tasks.odc.lr_range=[0.1,0.01]'], 'lr_range low 0.1 must be below high'),
     (['--order', 'odc', '--epochs', '0'], 'epochs must be a positive integer'),
+    (['--order', 'moco,relloc', '--image-size', '28'], 'needs 29 px, the crop has 28 px'),
     (['--order', 'odc', '--label-fraction', '1.5'], 'label_fraction must be in (0, 1]'),
     (['--order', 'odc', '--protocols', 'linear,svm'], "unknown protocol 'svm'"),
     (['--order', 'odc', '--config', 'missing.yaml'], 'config file not found: missing.yaml'),
