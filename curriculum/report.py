@@ -13,7 +13,7 @@ import glob
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -140,6 +140,7 @@ class Cell:
     baseline: bool
     test: dict[int, float]
     val: dict[int, float]
+    ci: dict[int, list] = field(default_factory=dict)   # bootstrap 95 % CI over test images, per seed
 
     def test_mean(self) -> float:
         return mean_ci(list(self.test.values()))[0]
@@ -167,11 +168,30 @@ def _cells(runs: list[dict], protocol: str) -> tuple[str, dict[str, Cell]]:
         cell.test[int(run['seed'])] = float('nan') if value is None else float(value)
         val = (metrics.get('val') or {}).get(headline)
         cell.val[int(run['seed'])] = float('nan') if val is None else float(val)
+        cell.ci[int(run['seed'])] = list(metrics.get(f'{headline}_ci') or [])
     return headline, cells
 
 
 def _nan_low(value: float) -> float:
     return value if math.isfinite(value) else -1e9
+
+
+def _compare(a: Cell, b: Cell) -> str:
+    """``a − b``: a paired t-interval over seeds, or with a single common seed the two bootstrap intervals over
+    test images and whether they overlap (no paired per-image test is possible from the stored metrics)."""
+    mean, low, high, n = paired_difference(a.test, b.test)
+    if n >= 2:
+        return f'{_signed_ci(mean, low, high)} points over {n} paired seeds: {_verdict(low, high)}'
+    seeds = sorted(set(a.test) & set(b.test))
+    if not seeds:
+        return 'no common seed'
+    seed = seeds[0]
+    ca, cb = a.ci.get(seed) or [], b.ci.get(seed) or []
+    if len(ca) != 2 or len(cb) != 2:
+        return f'{mean * 100:+.2f} points (one seed, no interval)'
+    overlap = ca[0] <= cb[1] and cb[0] <= ca[1]
+    return (f'{mean * 100:+.2f} points, one seed: {_pct(ca[0])}-{_pct(ca[1])} vs {_pct(cb[0])}-{_pct(cb[1])} '
+            f'(bootstrap 95% CIs over test images) {"overlap: no clear difference" if overlap else "do not overlap"}')
 
 
 def findings(runs: list[dict], protocol: str) -> list[str]:
@@ -187,20 +207,15 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
         lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
                      f'{_with_ci(*mean_ci(list(best.test.values())))} over {len(best.test)} seed(s).')
         if scratch:
-            diff = paired_difference(best.test, scratch.test)
             lines.append(f'  - vs from scratch ({_with_ci(*mean_ci(list(scratch.test.values())))}): '
-                         f'{_signed_ci(*diff[:3])} points over {diff[3]} paired seed(s): {_verdict(*diff[1:3])}.')
+                         f'{_compare(best, scratch)}.')
         if single:
             best_single = max(single, key=lambda c: _nan_low(c.val_mean()))
-            diff = paired_difference(best.test, best_single.test)
             lines.append(f'  - vs the best single task, **{best_single.label}** '
-                         f'({_with_ci(*mean_ci(list(best_single.test.values())))}): {_signed_ci(*diff[:3])} '
-                         f'points over {diff[3]} paired seed(s): {_verdict(*diff[1:3])}.')
+                         f'({_with_ci(*mean_ci(list(best_single.test.values())))}): {_compare(best, best_single)}.')
     if single and scratch:
         top = max(single, key=lambda c: _nan_low(c.val_mean()))
-        diff = paired_difference(top.test, scratch.test)
-        lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_signed_ci(*diff[:3])} '
-                     f'points: {_verdict(*diff[1:3])}.')
+        lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')
     scores = {c.order[0]: c.test_mean() for c in single}
     by_label: dict[str, list[float]] = {}
     for cell in multi:

@@ -123,3 +123,15 @@ def test_docs_results_md_rerenders_identically_from_the_stored_results(tmp_path)
         assert handle.read() == text
     if 'label efficiency' in text:
         assert (tmp_path / 'results_label_efficiency.png').stat().st_size > 1000
+
+
+def test_single_seed_findings_compare_bootstrap_intervals():
+    def with_ci(run, low, high):
+        run['downstream']['linear']['balanced_accuracy_ci'] = [low, high]
+        return run
+    runs = [with_ci(_run([], 0, 0.50, 0.50), 0.45, 0.55), with_ci(_run(['a'], 0, 0.60, 0.60), 0.56, 0.64),
+            with_ci(_run(['a', 'b'], 0, 0.62, 0.61), 0.58, 0.66)]
+    lines = '\n'.join(findings(runs, 'linear'))
+    assert 'vs from scratch' in lines and '+12.00 points, one seed: 58.00-66.00 vs 45.00-55.00' in lines
+    assert 'do not overlap' in lines                     # a,b vs scratch
+    assert 'overlap: no clear difference' in lines       # a,b vs a
