@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 
-CACHE_VERSION = 1
+#: 2: stages before it ignored their parent's backbone (re-initialised by the Runner); never reuse them
+CACHE_VERSION = 2
 STAGES_DIR = 'stages'
 
 

@@ -123,12 +123,18 @@ class StageInputs:
 
 
 def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_backbone: str | None):
-    """Instantiate the task (heads initialised from the stage seed, whatever ran before in this process) and load
-    the parent stage's backbone strictly."""
+    """Instantiate the task (weights initialised from the stage seed, whatever ran before in this process) and load
+    the parent stage's backbone strictly.
+
+    The task's ``init_weights()`` (mmengine's BaseModule: the backbone's and heads' ``init_cfg``) runs here, before
+    the parent's weights are loaded. mmengine's Runner calls ``init_weights()`` again when training starts, which is
+    then a no-op (``_is_init``); left to the Runner, it re-initialised the backbone *after* the parent's weights had
+    been loaded, so every stage silently started from the same random initialisation."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(inputs.seed)
         task = build_task(task_name, inputs.backbone_cfg, cfg, len(inputs.train_images), inputs.image_size,
                           inputs.seed)
+        task.init_weights()
     if parent_backbone:
         state = load_checkpoint_file(parent_backbone, map_location='cpu')
         if not isinstance(state, dict):

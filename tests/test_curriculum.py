@@ -162,3 +162,35 @@ def test_torchrun_two_processes_on_cpu_gives_one_result_with_the_same_schema(tmp
     assert single.returncode == 0, single.stderr
     with open(work_root / 'odc' / 'result.json') as handle:
         assert json.load(handle)['stages'][0]['cache_hit'] is False
+
+
+def test_a_stage_trained_by_the_runner_starts_from_its_parents_backbone(tmp_path):
+    """mmengine's Runner calls init_weights() when training starts; the parent's weights must survive it. The stage
+    runs with a negligible LR, so its backbone must stay the parent's (conv weights unchanged), not a fresh init."""
+    import numpy as np
+    import torch
+
+    from curriculum.compat import atomic_torch_save, load_checkpoint_file
+    from curriculum.stage import BACKBONE_FILE, StageInputs, train_stage
+    from curriculum.plan import build_plan, load_config
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(64, 32, 32, 3), dtype=np.uint8)
+    inputs = StageInputs(train_images=images, val_images=images[:8], image_size=32,
+                         backbone_cfg=dict(type='ResNet', depth=18, base_channels=16, stem_channels=16,
+                                           out_indices=[3]), seed=0, device='cpu')
+    cfg = build_plan('rotation', load_config(None, {'epochs': 1, 'tasks.rotation.batch_size': 32})).stages[0].cfg
+    fresh = str(tmp_path / 'fresh')
+    train_stage('rotation', cfg, 1e-12, inputs, None, fresh)
+    scratch = load_checkpoint_file(os.path.join(fresh, BACKBONE_FILE), map_location='cpu')
+    # a parent far from any initialisation: the fresh weights plus noise of their own size
+    torch.manual_seed(1)
+    parent_state = {k: v + v.std() * torch.randn_like(v) if v.is_floating_point() and v.ndim == 4 else v
+                    for k, v in scratch.items()}
+    parent = str(tmp_path / 'parent.pth')
+    atomic_torch_save(parent_state, parent)
+    train_stage('rotation', cfg, 1e-12, inputs, parent, str(tmp_path / 'second'))
+    after = load_checkpoint_file(str(tmp_path / 'second' / BACKBONE_FILE), map_location='cpu')
+    for key in ('conv1.weight', 'layer1.0.conv1.weight', 'layer4.1.conv2.weight'):
+        assert torch.allclose(after[key], parent_state[key], atol=1e-6), key   # inherited
+        assert not torch.allclose(after[key], scratch[key], atol=1e-3), key    # not a re-initialisation
