@@ -77,11 +77,11 @@ def build_jobs(args) -> list[dict]:
         if base != 'none' and not os.path.isfile(base):
             raise PlanError(f'baseline weights file not found: {base}')
     jobs = []
-    for seed in seeds:
-        for ordering in orderings:
-            jobs.append({'order': ','.join(ordering), 'seed': seed, 'init': None})
+    for seed in seeds:  # baselines first: they are cheap and every comparison needs them
         for base in baselines:
             jobs.append({'order': 'none', 'seed': seed, 'init': None if base == 'none' else os.path.abspath(base)})
+        for ordering in orderings:
+            jobs.append({'order': ','.join(ordering), 'seed': seed, 'init': None})
     return jobs
 
 
