@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PlanError
-from .leaderboard import build_leaderboards, comparison_key, curriculum_label, render_markdown, run_label, t_quantile
+from .leaderboard import (_nan_low, build_leaderboards, comparison_key, curriculum_label, render_markdown,
+                          run_label, t_quantile)
 from .plan import parse_order, read_yaml
 
 DISCUSSION_FILE = 'results_discussion.md'
@@ -170,10 +171,6 @@ def _cells(runs: list[dict], protocol: str) -> tuple[str, dict[str, Cell]]:
         cell.val[int(run['seed'])] = float('nan') if val is None else float(val)
         cell.ci[int(run['seed'])] = list(metrics.get(f'{headline}_ci') or [])
     return headline, cells
-
-
-def _nan_low(value: float) -> float:
-    return value if math.isfinite(value) else -1e9
 
 
 def _compare(a: Cell, b: Cell) -> str:
