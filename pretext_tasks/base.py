@@ -12,6 +12,7 @@ and a task file only adds its own modules and :meth:`PretextTask.compute_loss`.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
 
@@ -71,6 +72,23 @@ class PretextTask(BaseModel):
         self.feature_dim = self._probe_feature_dim()
 
     # -- building -------------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """mmengine's initialisation (the backbone's and heads' ``init_cfg``), once: the engine initialises a task
+        before loading its parent's backbone, and the Runner's later call must neither re-initialise nor warn;
+        the per-parameter report mmengine logs at INFO level goes to the logger only at DEBUG level."""
+        if self.is_init:
+            return
+        from mmengine.logging import MMLogger
+
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        if logger.getEffectiveLevel() > logging.DEBUG:  # a DEBUG logger keeps mmengine's report
+            logger.setLevel(logging.WARNING)
+        try:
+            super().init_weights()
+        finally:
+            logger.setLevel(level)
+
     def _probe_feature_dim(self) -> int:
         was_training = self.backbone.training
         self.backbone.eval()
