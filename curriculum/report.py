@@ -121,9 +121,17 @@ def _signed_ci(mean: float, low: float, high: float) -> str:
     return text if not math.isfinite(low) else f'{text} [{low * 100:+.2f}, {high * 100:+.2f}]'
 
 
-def _verdict(low: float, high: float) -> str:
+#: fewest paired seeds for a better/worse verdict: a t-interval over two seeds rests on one degree of freedom and
+#: collapses when both seeds happen to give the same difference (balanced accuracies on a fixed test split are
+#: discrete, so that does happen), so with two seeds the interval is shown without a verdict
+MIN_SEEDS_FOR_VERDICT = 3
+
+
+def _verdict(low: float, high: float, pairs: int) -> str:
     if not (math.isfinite(low) and math.isfinite(high)):
         return 'no interval (fewer than 2 paired seeds)'
+    if pairs < MIN_SEEDS_FOR_VERDICT:
+        return f'no verdict with {pairs} paired seeds (needs {MIN_SEEDS_FOR_VERDICT})'
     if low > 0:
         return 'better (95% CI above 0)'
     if high < 0:
@@ -178,7 +186,7 @@ def _compare(a: Cell, b: Cell) -> str:
     test images and whether they overlap (no paired per-image test is possible from the stored metrics)."""
     mean, low, high, n = paired_difference(a.test, b.test)
     if n >= 2:
-        return f'{_signed_ci(mean, low, high)} points over {n} paired seeds: {_verdict(low, high)}'
+        return f'{_signed_ci(mean, low, high)} points over {n} paired seeds: {_verdict(low, high, n)}'
     seeds = sorted(set(a.test) & set(b.test))
     if not seeds:
         return 'no common seed'

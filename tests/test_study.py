@@ -54,6 +54,14 @@ def test_findings_choose_on_val_and_state_paired_intervals():
     assert 'C: +10.20 over 1 ordering(s)' in lines and 'AC: -3.00 over 1 ordering(s)' in lines
 
 
+def test_two_seeds_give_an_interval_but_no_verdict():
+    """Two seeds whose differences happen to be equal give a zero-width t-interval: it must not read as 'worse'."""
+    two_seeds = [r for r in _toy_runs() if r['seed'] < 2]
+    lines = '\n'.join(findings(two_seeds, 'linear'))
+    assert 'over 2 paired seeds: no verdict with 2 paired seeds (needs 3)' in lines
+    assert 'better (95% CI' not in lines and 'worse (95% CI' not in lines
+
+
 def test_export_is_compact_sorted_and_round_trips_through_a_store(tmp_path):
     runs = _toy_runs()
     path = tmp_path / 'toy.jsonl'
