@@ -145,13 +145,14 @@ def build_leaderboards(results: list[dict], stage_counts: dict[str, int] | None 
             singles = {row.order[0]: row.mean(headline) for row in rows.values()
                        if len(row.order) == 1 and not row.baseline}
             first = runs[0]
-            boards.append(Leaderboard(protocol, headline, sorted(rows.values(), key=lambda r: -_nan_low(
+            boards.append(Leaderboard(protocol, headline, sorted(rows.values(), key=lambda r: -nan_low(
                 r.mean(headline))), first['dataset'], first.get('downstream_dataset', first['dataset']),
                 float(first.get('label_fraction', 1.0)), singles, stage_counts))
     return boards
 
 
-def _nan_low(value: float) -> float:
+def nan_low(value: float) -> float:
+    """A sort key for scores that ranks a missing (nan / inf) score below every real one."""
     return value if math.isfinite(value) else -1e9
 
 

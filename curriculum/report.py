@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PlanError
-from .leaderboard import (_nan_low, build_leaderboards, comparison_key, curriculum_label, render_markdown,
+from .leaderboard import (build_leaderboards, comparison_key, curriculum_label, nan_low, render_markdown,
                           run_label, t_quantile)
 from .plan import parse_order, read_yaml
 
@@ -208,18 +208,18 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
     scratch = cells.get('none')
     lines = []
     if multi:
-        best = max(multi, key=lambda c: _nan_low(c.val_mean()))
+        best = max(multi, key=lambda c: nan_low(c.val_mean()))
         lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
                      f'{_with_ci(*mean_ci(list(best.test.values())))} over {len(best.test)} seed(s).')
         if scratch:
             lines.append(f'  - vs from scratch ({_with_ci(*mean_ci(list(scratch.test.values())))}): '
                          f'{_compare(best, scratch)}.')
         if single:
-            best_single = max(single, key=lambda c: _nan_low(c.val_mean()))
+            best_single = max(single, key=lambda c: nan_low(c.val_mean()))
             lines.append(f'  - vs the best single task, **{best_single.label}** '
                          f'({_with_ci(*mean_ci(list(best_single.test.values())))}): {_compare(best, best_single)}.')
     if single and scratch:
-        top = max(single, key=lambda c: _nan_low(c.val_mean()))
+        top = max(single, key=lambda c: nan_low(c.val_mean()))
         lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')
     scores = {c.order[0]: c.test_mean() for c in single}
     by_label: dict[str, list[float]] = {}
