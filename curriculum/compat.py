@@ -75,8 +75,22 @@ def install() -> None:
     CheckpointLoader.register_scheme(prefixes='', loader=load_checkpoint_file, force=True)
 
 
+def _not_an_mmengine_deprecation_notice(record) -> bool:
+    """Logging filter: mmengine's CheckpointHook builds its own FileClient and logs, at WARNING, that FileClient
+    and HardDiskBackend "will be deprecated" once per stage and trial; nothing a user of this engine can act on."""
+    message = record.getMessage()
+    return not ('will be deprecated in future' in message or 'is the alias of "LocalBackend"' in message)
+
+
 class EngineRunner(Runner):
-    """mmengine's Runner whose checkpoints are written atomically and marked as the engine's own."""
+    """mmengine's Runner whose checkpoints are written atomically and marked as the engine's own, and whose logger
+    drops mmengine's notices about its own deprecated file client."""
+
+    def build_logger(self, *args, **kwargs):
+        logger = super().build_logger(*args, **kwargs)
+        if _not_an_mmengine_deprecation_notice not in logger.filters:
+            logger.addFilter(_not_an_mmengine_deprecation_notice)
+        return logger
 
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
         from mmengine.dist import get_rank

@@ -3,24 +3,33 @@
 Each job (ordering, seed, init) is an enqueued trial of a study named ``sweep/<id>`` in the chosen storage (SQLite
 by default, PostgreSQL for several machines). A worker takes a waiting trial, runs the curriculum and tells the
 result. Workers record heartbeats; a trial whose worker died is failed after the grace period and put back in the
-queue by Optuna's ``RetryFailedTrialCallback``, so another worker picks it up. A job whose result is already in the
+queue by Optuna's ``RetryHeartbeatStaleTrialCallback`` (``RetryFailedTrialCallback`` before Optuna 4.9), so another
+worker picks it up. A job whose result is already in the
 results store is not run again.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import threading
 import time
+import warnings
 
 import optuna
 from optuna.distributions import IntDistribution
-from optuna.storages import RDBStorage, RetryFailedTrialCallback, fail_stale_trials
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import TrialState
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
+# The queue uses Optuna's heartbeat machinery (experimental since 2.8) with ask/tell instead of Study.optimize, on
+# purpose: workers send their own heartbeats. Optuna warns about both on every call; the warnings say nothing a
+# user can act on, so they are silenced here: Optuna's ExperimentalWarning and that one UserWarning.
+warnings.filterwarnings('ignore', category=ExperimentalWarning)
+warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used with Study.optimize')
 
 
 def sweep_id(jobs: list[dict], config: dict) -> str:
@@ -28,9 +37,18 @@ def sweep_id(jobs: list[dict], config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _retry_stale_trials(max_retry: int = 5) -> dict:
+    """The storage argument that re-enqueues a dead worker's job, under its name in the installed Optuna (renamed
+    in 4.9, the old name goes in 6.0)."""
+    if 'heartbeat_stale_trial_callback' in inspect.signature(RDBStorage.__init__).parameters:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+        return {'heartbeat_stale_trial_callback': RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
+    from optuna.storages import RetryFailedTrialCallback
+    return {'failed_trial_callback': RetryFailedTrialCallback(max_retry=max_retry)}
+
+
 def open_storage(url: str, heartbeat: int = 10, grace: int = 60) -> RDBStorage:
-    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=5),
+    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace, **_retry_stale_trials(),
                       engine_kwargs={'pool_pre_ping': True})
 
 

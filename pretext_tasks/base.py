@@ -82,7 +82,9 @@ class PretextTask(BaseModel):
 
         logger = MMLogger.get_current_instance()
         level = logger.level
-        if logger.getEffectiveLevel() > logging.DEBUG:  # a DEBUG logger keeps mmengine's report
+        # MMLogger filters in its handlers and leaves the logger itself at NOTSET, so "does anyone want DEBUG?"
+        # is a question for the handlers: only a DEBUG handler keeps mmengine's report
+        if not any(handler.level <= logging.DEBUG for handler in logger.handlers):
             logger.setLevel(logging.WARNING)
         try:
             super().init_weights()

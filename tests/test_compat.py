@@ -1,7 +1,11 @@
-"""The compatibility layer: trusted engine checkpoints, weights-only user files, the numpy-2 hue fix."""
+"""The compatibility layer: trusted engine checkpoints, weights-only user files, the numpy-2 hue fix, quiet one-time
+task initialisation."""
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,3 +66,22 @@ def test_negative_hue_no_longer_overflows_and_matches_the_positive_inverse():
         assert shifted.shape == image.shape and (shifted != image).any()
         back = mmcv.adjust_hue(shifted, 0.2, backend=backend)
         assert np.abs(back.astype(int) - image.astype(int)).mean() < 6
+
+
+def test_task_initialisation_prints_no_per_parameter_report_in_a_fresh_process():
+    """mmengine dumps one INFO line per parameter when a top-level module initialises. In a fresh interpreter
+    (as a study worker starts) the logger is at NOTSET and filters in its handler, which once let the report
+    through to stdout; a second call must be a no-op that neither re-initialises nor warns."""
+    code = ('import torch\n'
+            'from pretext_tasks import build_task\n'
+            "task = build_task('rotation', None, {}, 8, 32)\n"
+            'task.init_weights()\n'
+            'before = {k: v.clone() for k, v in task.state_dict().items()}\n'
+            'task.init_weights()\n'
+            'assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())\n'
+            "print('done')\n")
+    proc = subprocess.run([sys.executable, '-W', 'ignore', '-c', code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == 'done', proc.stdout[:2000]
+    assert 'init_weights' not in proc.stderr and 'torch.Size' not in proc.stderr, proc.stderr[:2000]
