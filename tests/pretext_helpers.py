@@ -102,14 +102,16 @@ def knn_probes(backbone, images: np.ndarray, labels: np.ndarray, train_idx, val_
 LEARN_BACKBONE = dict(type='ResNet', depth=18, base_channels=16, stem_channels=16)
 
 
-def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str = 'synthetic_derm'):
+def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str = 'synthetic_derm',
+                data_root: str | None = None):
     """A fixed random sample of the train and val splits: ``(images, labels, train_idx, val_idx)`` where the index
-    arrays point into the returned arrays."""
+    arrays point into the returned arrays. ``data_root``: for a real dataset (e.g. ``../shared/data/ham10000``)."""
     import os
 
     from benchmarks.datasets import load_dataset
 
-    data = load_dataset(dataset, None, image_size=size, seed=0, cache_dir=os.environ.get('CURRICULUM_SSL_CACHE'))
+    data = load_dataset(dataset, data_root, image_size=size, seed=0,
+                        cache_dir=os.environ.get('CURRICULUM_SSL_CACHE'))
     rng = np.random.default_rng(0)
     train_idx = rng.permutation(data.indices('train'))[:train]
     val_idx = rng.permutation(data.indices('val'))[:val]
@@ -119,7 +121,8 @@ def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str 
 
 
 def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay: float = 1e-4,
-                 batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm') -> dict:
+                 batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm',
+                 data_root: str | None = None) -> dict:
     """Train task ``name`` from a random init on a :func:`derm_sample` and probe it before and after.
 
     Returns ``task``, ``history`` (per-epoch means), ``seconds`` (training only) and ``random`` / ``trained``: the
@@ -128,7 +131,7 @@ def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay
 
     from pretext_tasks.registry import build_task
 
-    images, labels, train_idx, val_idx = derm_sample(dataset=dataset)
+    images, labels, train_idx, val_idx = derm_sample(dataset=dataset, data_root=data_root)
     torch.manual_seed(0)
     task = build_task(name, backbone or LEARN_BACKBONE, dict(task_cfg), len(train_idx), images.shape[1], seed=0)
     random_probes = knn_probes(task.backbone, images, labels, train_idx, val_idx)

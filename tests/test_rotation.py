@@ -110,7 +110,13 @@ def test_rotation_learns_on_synthetic_derm():
     """The dermoscopy generator gives the camera frame an orientation (light from above, rulers mostly at the
     bottom, field of view set low), which rotation prediction learns quickly. Those cues are unrelated to the
     diagnosis, and at this budget the kNN probe stays at chance (measured 0.10-0.15 over 5-30 epochs): the task
-    learns, its features do not yet help diagnosis. The kNN evidence is the chest X-ray test below."""
+    learns, its features do not yet help diagnosis. The kNN evidence is the chest X-ray test below.
+
+    Real dermoscopy behaves the same way (measured 2026-12-01 with ``learning_run('rotation', {}, epochs=E,
+    lr=0.05, dataset='ham10000', data_root='../shared/data/ham10000')``, same sample sizes): held-out pretext
+    accuracy 0.57 / 0.68 / 0.67 after 5 / 10 / 15 epochs, and the recalibrated kNN probe *falls* from 0.200
+    (random init) to 0.170 / 0.154 / 0.153. So the missing kNN gain is a property of the task on skin images (the
+    camera frame's orientation is learnable there too), not an artefact of the generator."""
     from pretext_helpers import learning_run
 
     run = learning_run('rotation', {}, epochs=5, lr=0.05)
