@@ -79,7 +79,8 @@ def _not_an_mmengine_deprecation_notice(record) -> bool:
     """Logging filter: mmengine's CheckpointHook builds its own FileClient and logs, at WARNING, that FileClient
     and HardDiskBackend "will be deprecated" once per stage and trial; nothing a user of this engine can act on."""
     message = record.getMessage()
-    return not ('will be deprecated in future' in message or 'is the alias of "LocalBackend"' in message)
+    return not (message.startswith('"FileClient" will be deprecated')
+                or message.startswith('"HardDiskBackend" is the alias of "LocalBackend"'))
 
 
 class EngineRunner(Runner):

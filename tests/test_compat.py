@@ -85,3 +85,18 @@ def test_task_initialisation_prints_no_per_parameter_report_in_a_fresh_process()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == 'done', proc.stdout[:2000]
     assert 'init_weights' not in proc.stderr and 'torch.Size' not in proc.stderr, proc.stderr[:2000]
+
+
+def test_runner_logger_drops_only_mmengine_file_client_notices():
+    import logging
+
+    from curriculum.compat import _not_an_mmengine_deprecation_notice as keep
+
+    def record(message):
+        return logging.LogRecord('mmengine', logging.WARNING, __file__, 0, message, None, None)
+
+    assert not keep(record('"FileClient" will be deprecated in future. Please use io functions in ...'))
+    assert not keep(record('"HardDiskBackend" is the alias of "LocalBackend" and the former will be deprecated in '
+                           'future.'))
+    assert keep(record('The config file a.py will be deprecated in the future. Please use b.py instead.'))
+    assert keep(record('odc: 40 training images support at most 1 clusters'))
