@@ -89,6 +89,44 @@ def test_second_pass_decodes_nothing(name, tmp_path):
     assert first.fingerprint == second.fingerprint
 
 
+def _files_below(root: str) -> list[str]:
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+
+
+@pytest.mark.parametrize('name', ['ham10000', 'medmnist'])
+def test_fingerprint_follows_the_bytes_not_timestamps_or_location(name, tmp_path):
+    """The stage and decoded-image cache keys hang on this fingerprint. With path+mtime identities a study resumed
+    on re-provisioned data (same bytes, new mtimes) retrained every stage it had; the fingerprint now depends on
+    contents only, and an unchanged file is not read twice."""
+    import shutil
+
+    from benchmarks.datasets import digests
+
+    root = write_layout(name, tmp_path / 'original')
+    original = load_records(name, root).source.fingerprint()
+    hashed = digests.hashed_files
+    assert load_records(name, root).source.fingerprint() == original
+    assert digests.hashed_files == hashed  # second pass: answered from the memo, no file read
+
+    top = str(tmp_path / 'original')
+    copy_top = str(tmp_path / 'copy')
+    shutil.copytree(top, copy_top, copy_function=shutil.copyfile)  # new location, new mtimes
+    for path in _files_below(copy_top):
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    copy_root = os.path.join(copy_top, os.path.relpath(root, top))
+    assert load_records(name, copy_root).source.fingerprint() == original
+
+    if name == 'medmnist':
+        with np.load(copy_root) as archive:
+            arrays = {key: archive[key].copy() for key in archive.files}
+        arrays['train_images'][0, 0, 0] ^= 1
+        np.savez(copy_root, **arrays)
+    else:
+        first_image = sorted(p for p in _files_below(copy_top) if p.endswith('.jpg'))[0]
+        fx.write_image(first_image, 7)  # other pixels, same name
+    assert load_records(name, copy_root).source.fingerprint() != original
+
+
 @pytest.mark.parametrize('name', ['isic2019', 'ham10000', 'nih_cxr14', 'chexpert', 'siim_covid', 'image_folder'])
 def test_corrupt_image_names_the_path(name, tmp_path):
     root = write_layout(name, tmp_path)

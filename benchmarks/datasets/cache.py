@@ -1,8 +1,8 @@
 """Decoded-image cache: each dataset is decoded and resized once, stored as one uint8 ``.npy`` file.
 
-The key covers the source fingerprint (file paths, sizes and mtimes, or the npz identity), the target size and
-the resize method, so editing or replacing an image invalidates the entry. Later epochs and later runs memory-map
-the file and decode no image.
+The key covers the source fingerprint (a digest of the files' contents, or of the npz archive), the target size
+and the resize method, so editing or replacing an image invalidates the entry and a copy of the same files (or the
+same files with new timestamps) does not. Later epochs and later runs memory-map the file and decode no image.
 """
 from __future__ import annotations
 
