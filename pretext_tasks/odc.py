@@ -64,6 +64,9 @@ from .clustering import kmeans, torch_kmeans
 from .errors import PretextConfigError
 from .registry import register_task
 
+#: warnings already written by this process (each is still kept in every task's ``notes``)
+_LOGGED_NOTES: set[str] = set()
+
 
 def cluster_count(num_images: int, configured: int, images_per_cluster: int = 40) -> tuple[int, str | None]:
     """``min(configured, max(2, num_images // images_per_cluster))`` (never more than ``num_images``), and a
@@ -166,9 +169,12 @@ class ODC(PretextTask):
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _note(self, message: str) -> None:
-        """A one-line warning: kept in ``self.notes`` and written to the current mmengine log."""
+        """A one-line warning: kept in ``self.notes`` and written to the current mmengine log once per process
+        (an LR search builds the same task for every trial; the message would repeat word for word)."""
         self.notes.append(message)
-        print_log(message, logger='current', level=logging.WARNING)
+        if message not in _LOGGED_NOTES:
+            _LOGGED_NOTES.add(message)
+            print_log(message, logger='current', level=logging.WARNING)
 
     def _cluster_generator(self, salt: int) -> torch.Generator:
         generator = torch.Generator(device=self.centroids.device)

@@ -64,6 +64,17 @@ def test_fewer_images_than_clusters_reduces_k_with_a_message_and_does_not_crash(
     assert torch.isfinite(losses['loss'])
 
 
+def test_the_reduced_k_message_is_logged_once_per_process_but_kept_by_every_task(monkeypatch):
+    """An LR search builds the task once per trial; the log got the same warning three times per stage."""
+    import pretext_tasks.odc as odc_module
+
+    logged = []
+    monkeypatch.setattr(odc_module, 'print_log', lambda message, **_: logged.append(message))
+    tasks = [make_task(num_images=15, num_clusters=77) for _ in range(3)]
+    assert all(len(task.notes) == 1 and 'instead of the configured 77' in task.notes[0] for task in tasks)
+    assert [m for m in logged if 'instead of the configured 77' in m] == [tasks[0].notes[0]]
+
+
 def test_initialisation_fills_memory_from_kmeans_and_checks_the_dataset_length():
     task = make_task(num_images=60, num_clusters=6)
     with pytest.raises(PretextConfigError, match='not initialised'):
