@@ -60,9 +60,12 @@ def content_digests(paths: Sequence[str], memo_dir: str | None = None, threads: 
     known: dict[str, tuple] = {}
     if connection is not None:
         try:
-            wanted = set(absolute)
-            for path, size, mtime_ns, inode, digest in connection.execute('SELECT * FROM digests'):
-                if path in wanted:
+            unique = sorted(set(absolute))
+            for start in range(0, len(unique), 500):  # only these paths, not the whole memo (500: SQLite's limit)
+                chunk = unique[start:start + 500]
+                rows = connection.execute(f'SELECT * FROM digests WHERE path IN ({",".join("?" * len(chunk))})',
+                                          chunk)
+                for path, size, mtime_ns, inode, digest in rows:
                     known[path] = ((size, mtime_ns, inode), digest)
         except sqlite3.Error:
             known = {}
