@@ -31,6 +31,7 @@ def quick_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('quick_benchmark')
 @pytest.mark.timeout(1800)
 def test_quick_benchmark_writes_every_section(quick_run):
     data, _ = quick_run
@@ -60,6 +61,7 @@ def test_quick_benchmark_writes_every_section(quick_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('quick_benchmark')
 @pytest.mark.timeout(1800)
 def test_quick_benchmark_markdown_has_tables(quick_run):
     _, markdown = quick_run
