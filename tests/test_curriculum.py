@@ -92,11 +92,11 @@ def test_prefix_cache_and_result_schema(tmp_path):
     work_root = tmp_path / 'root'
     first = run_tool(['--order', 'rotation', *SMALL], work_root, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_tool(['--order', 'rotation,relloc', *SMALL], work_root, timeout=900)
+    second = run_tool(['--order', 'rotation,moco', *SMALL], work_root, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     single = json.loads((work_root / 'rotation' / 'result.json').read_text())
-    pair = json.loads((work_root / 'rotation,relloc' / 'result.json').read_text())
-    assert pair['order'] == ['rotation', 'relloc'] and pair['dataset'] == 'synthetic_derm'
+    pair = json.loads((work_root / 'rotation,moco' / 'result.json').read_text())
+    assert pair['order'] == ['rotation', 'moco'] and pair['dataset'] == 'synthetic_derm'
     assert [s['cache_hit'] for s in single['stages']] == [False]
     assert [s['cache_hit'] for s in pair['stages']] == [True, False]
     assert pair['stages'][0]['key'] == single['stages'][0]['key']
@@ -115,17 +115,17 @@ def test_prefix_cache_and_result_schema(tmp_path):
     # one record per run in the results store
     from curriculum.results import default_results_url, load_runs
     runs = load_runs(default_results_url(str(work_root)))
-    assert [r['order'] for r in runs] == [['rotation'], ['rotation', 'relloc']]
+    assert [r['order'] for r in runs] == [['rotation'], ['rotation', 'moco']]
 
 
 def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     # no LR search and one probe: the test is about the stage loop (kill, resume, equality), not the search
-    args = ['--order', 'rotation,relloc', *SMALL, '--deterministic', '--epochs', '2', '--lr-trials', '0',
+    args = ['--order', 'rotation,moco', *SMALL, '--deterministic', '--epochs', '2', '--lr-trials', '0',
             '--protocols', 'knn']
     reference_root = tmp_path / 'reference'
     reference = run_tool(args, reference_root, timeout=1200)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = json.loads((reference_root / 'rotation,relloc' / 'result.json').read_text())
+    expected = json.loads((reference_root / 'rotation,moco' / 'result.json').read_text())
 
     work_root = tmp_path / 'killed'
     env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -136,7 +136,7 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     killed = False
     while time.time() < deadline and proc.poll() is None:
         # the second stage has completed its first epoch checkpoint (last_checkpoint names it): kill mid-stage
-        if stages.exists() and any(p.name.startswith('relloc-') and (p / 'last_checkpoint').exists()
+        if stages.exists() and any(p.name.startswith('moco-') and (p / 'last_checkpoint').exists()
                                    for p in stages.iterdir()):
             proc.send_signal(signal.SIGKILL)
             killed = True
@@ -144,11 +144,11 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
         time.sleep(0.2)
     proc.wait(timeout=60)
     assert killed, 'the run ended before its second stage could be killed'
-    assert not (work_root / 'rotation,relloc' / 'result.json').exists()
+    assert not (work_root / 'rotation,moco' / 'result.json').exists()
 
     resumed = run_tool(args, work_root, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = json.loads((work_root / 'rotation,relloc' / 'result.json').read_text())
+    result = json.loads((work_root / 'rotation,moco' / 'result.json').read_text())
     assert [s['cache_hit'] for s in result['stages']] == [True, False]
     history = result['stages'][1]['history']
     assert [h['epoch'] for h in history] == [1, 2]
