@@ -20,8 +20,8 @@ def _threads_per_worker() -> int | None:
 
 
 _THREADS = _threads_per_worker()
-if _THREADS is not None:
-    os.environ.setdefault('OMP_NUM_THREADS', str(_THREADS))
+if _THREADS is not None and 'OMP_NUM_THREADS' not in os.environ:  # a user's value: torch reads it at import
+    os.environ['OMP_NUM_THREADS'] = str(_THREADS)
     import torch
 
-    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+    torch.set_num_threads(_THREADS)

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 MEMO_FILE = 'file_digests.sqlite'
+#: paths per memo query: well under SQLite's limit on bound parameters (999 in builds before 3.32)
+QUERY_CHUNK = 500
 
 #: files this process read and hashed (not answered from the memo); tests use it to show a second pass reads none
 hashed_files = 0
@@ -61,8 +63,8 @@ def content_digests(paths: Sequence[str], memo_dir: str | None = None, threads: 
     if connection is not None:
         try:
             unique = sorted(set(absolute))
-            for start in range(0, len(unique), 500):  # only these paths, not the whole memo (500: SQLite's limit)
-                chunk = unique[start:start + 500]
+            for start in range(0, len(unique), QUERY_CHUNK):  # only these paths, not the whole memo
+                chunk = unique[start:start + QUERY_CHUNK]
                 rows = connection.execute(f'SELECT * FROM digests WHERE path IN ({",".join("?" * len(chunk))})',
                                           chunk)
                 for path, size, mtime_ns, inode, digest in rows:
