@@ -204,7 +204,8 @@ class OurTraining:
     """One task set up exactly as a stage trains it, stepped by hand (see the module docstring)."""
 
     def __init__(self, task_name: str, images: np.ndarray, device: str = 'cpu', batch_size: int = BATCH_SIZE,
-                 seed: int = 0, channels_last: bool | None = None, work_dir: str | None = None):
+                 seed: int = 0, amp: str = 'auto', work_dir: str | None = None):
+        from curriculum.precision import resolve_precision
         from curriculum.stage import StageInputs, _loader, _optim_wrapper, build_stage_task
         from mmengine.optim import build_optim_wrapper
         from pretext_tasks.base import DEFAULT_BACKBONE
@@ -214,8 +215,9 @@ class OurTraining:
         image_size = int(images.shape[1])
         inputs = StageInputs(train_images=images, val_images=images[:batch_size], image_size=image_size,
                              backbone_cfg=dict(DEFAULT_BACKBONE), seed=seed, device=device,
-                             channels_last=(device == 'cuda') if channels_last is None else bool(channels_last))
-        self.channels_last = inputs.channels_last
+                             precision=resolve_precision(amp, device))
+        self.precision = inputs.precision
+        self.channels_last = inputs.precision.channels_last
         torch.manual_seed(seed)
         started = time.perf_counter()
         self.task = build_stage_task(task_name, self.cfg, inputs, None).to(device)
@@ -352,6 +354,7 @@ def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: f
         'build_seconds': training.build_seconds,
         'before_train_seconds': training.before_train_seconds,
         'channels_last_model': bool(training.channels_last),
+        'precision': training.precision.used,
         'recipe': training.recipe_source,
         'optimizer': dict(training.cfg['optimizer']),
         'lr': float(training.cfg['lr']),
@@ -365,11 +368,11 @@ def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: f
 
 def measure_pretext(task_name: str, images: np.ndarray, matmul_flops_per_s: float, device: str = 'cpu',
                     batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 8, profile: int = 1,
-                    seed: int = 0, channels_last: bool | None = None) -> dict:
+                    seed: int = 0, amp: str = 'auto') -> dict:
     """Images/s of our training step for one task, FLOPs per image actually processed, fraction of the ceiling
     and (``profile`` > 0 steps) a profile. The first warm-up step is the one whose FLOPs are counted."""
     warmup = max(1, warmup)
-    training = OurTraining(task_name, images, device, batch_size, seed, channels_last)
+    training = OurTraining(task_name, images, device, batch_size, seed, amp)
     try:
         flops_per_step, _ = count_flops(training.step)
         wall, cpu = timed_steps(training.step, warmup - 1, steps, device)

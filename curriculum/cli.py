@@ -19,6 +19,9 @@ def add_run_arguments(parser) -> None:
     parser.add_argument('--label-fraction', type=float, default=None, help='fraction of labeled train images')
     parser.add_argument('--protocols', default=None, help='any of linear,finetune,knn')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
+    parser.add_argument('--amp', choices=('auto', 'bf16', 'fp16', 'none'), default=None,
+                        help='precision of the backbone: auto (bf16 where the device supports it and, on a CPU, '
+                             'where it measured faster), bf16, fp16 (CUDA), none (fp32); default from the config')
     parser.add_argument('--image-size', type=int, default=None)
     parser.add_argument('--results', default=None, help='results store URL (default sqlite under --work-root)')
     parser.add_argument('--optuna-storage', default=None, help='Optuna storage URL (default sqlite under --work-root)')
@@ -43,6 +46,7 @@ def config_overrides(args) -> dict:
         'downstream_root': args.downstream_root, 'epochs': args.epochs, 'lr_search.trials': args.lr_trials,
         'evaluation.label_fraction': args.label_fraction, 'evaluation.protocols': args.protocols,
         'seed': getattr(args, 'seed', None), 'device': args.device, 'image_size': args.image_size,
+        'amp': getattr(args, 'amp', None),
     }
     options.update({key: value for key, value in flags.items() if value is not None})
     if args.deterministic:
@@ -95,9 +99,11 @@ def progress_printer():
 
 def print_summary(result: dict, path: str) -> None:
     """A short Markdown-style table of stages and downstream metrics."""
+    precision = result.get('precision') or {}
     print(f'\norder: {",".join(result["order"]) or "none"}   dataset: {result["dataset"]} -> '
           f'{result["downstream_dataset"]}   seed: {result["seed"]}   '
-          f'label fraction: {result["label_fraction"]}')
+          f'label fraction: {result["label_fraction"]}   precision: {precision.get("used", "fp32")} '
+          f'({precision.get("reason", "")})')
     if result['stages']:
         print('\n| stage | task | lr | epochs | first loss | final loss | seconds | cache hit |')
         print('|---|---|---|---|---|---|---|---|')

@@ -164,8 +164,10 @@ def validate_config(config: dict) -> None:
         raise PlanError(f'seed must be a non-negative integer, got {config.get("seed")!r}')
     if config.get('device') not in ('auto', 'cpu', 'cuda'):
         raise PlanError(f'device must be auto, cpu or cuda, got {config.get("device")!r}')
-    if config.get('amp') not in ('bf16', 'fp16', 'none', None):
-        raise PlanError(f'amp must be bf16, fp16 or none, got {config.get("amp")!r}')
+    if config.get('amp') not in ('auto', 'bf16', 'fp16', 'none', None):
+        raise PlanError(f'amp must be auto, bf16, fp16 or none, got {config.get("amp")!r}')
+    if config.get('channels_last', 'auto') not in ('auto', True, False):
+        raise PlanError(f'channels_last must be auto, true or false, got {config.get("channels_last")!r}')
     search = config.get('lr_search') or {}
     trials = search.get('trials', 0)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 0:

@@ -27,6 +27,7 @@ from .distributed import from_rank0
 from .errors import CheckpointError
 from .lr_search import default_storage, search_lr
 from .plan import RunPlan
+from .precision import apply_precision, resolve_precision
 from .results import record_run
 from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
 
@@ -84,6 +85,15 @@ def _init_backbone_file(init_path: str, work_root: str) -> tuple[str, str]:
     return target, f'init:{digest}'
 
 
+def precision_key(precision, deterministic: bool) -> str:
+    """The stage-key part for numerics: device, precision used (fp32 on a CPU key as before this option), model
+    memory format where it is not that device's default, deterministic kernels."""
+    text = f'{precision.device}:{precision.used}:det={bool(deterministic)}'
+    if precision.channels_last != (precision.device == 'cuda' or precision.used != 'fp32'):
+        text += f':cl={precision.channels_last}'
+    return text
+
+
 def final_backbone(backbone_cfg: dict, backbone_file: str | None, seed: int) -> torch.nn.Module:
     """The backbone evaluated downstream: the last stage's weights, or a seeded random initialisation."""
     torch.manual_seed(seed)
@@ -112,14 +122,16 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         train_images=pretext.unlabeled('train').images,
         val_images=pretext.unlabeled('val').images,
         image_size=int(config['image_size']), backbone_cfg=dict(config['backbone']), seed=seed, device=device,
-        amp=str(config.get('amp') or 'none'), deterministic=bool(config.get('deterministic')),
-        channels_last=bool(config.get('channels_last', True)) and device == 'cuda')
+        # rank 0 decides (auto may measure the CPU) and every rank trains in its precision
+        precision=from_rank0(resolve_precision(config.get('amp'), device, config.get('channels_last', 'auto'))
+                             if get_rank() == 0 else None),
+        deterministic=bool(config.get('deterministic')))
     knn_data = None
     if (config.get('lr_search') or {}).get('objective') == 'knn':
         train_idx, val_idx = pretext.indices('train'), pretext.indices('val')
         knn_data = dict(train_images=pretext.images[train_idx], train_labels=pretext.labels[train_idx],
                         val_images=pretext.images[val_idx], val_labels=pretext.labels[val_idx])
-    precision = f'{device}:{inputs.amp if device == "cuda" else "fp32"}:det={inputs.deterministic}'
+    precision = precision_key(inputs.precision, inputs.deterministic)
     if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
         precision += f':ws={get_world_size()}'
     search_cfg = dict(config.get('lr_search') or {})
@@ -146,6 +158,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
 
     downstream_data = _load_downstream_data(config, pretext)
     backbone = final_backbone(inputs.backbone_cfg, parent_file, seed)
+    apply_precision(backbone, backbone, inputs.precision)
     evaluation = dict(config.get('evaluation') or {})
     from benchmarks.protocols import evaluate
 
@@ -176,6 +189,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         'split': {'origin': downstream_data.split_origin,
                   **{name: int((downstream_data.split == name).sum()) for name in ('train', 'val', 'test')}},
         'device': device,
+        'precision': inputs.precision.as_dict(),
         'seconds': time.time() - started,
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'config': config,
@@ -223,6 +237,7 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         search_seconds = time.time() - stage_started
         record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
         record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
+                      precision=inputs.precision.as_dict(),
                       train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
         if get_rank() == 0:
             write_json_atomic(record_path, record)
@@ -286,6 +301,7 @@ def _stage_summary(record: dict) -> dict:
         'train_seconds': record.get('train_seconds'), 'cache_hit': bool(record.get('cache_hit')),
         'key': record.get('key'), 'stage_dir': record.get('stage_dir'), 'history': record.get('history', []),
         'resumed_at_epoch': record.get('resumed_at_epoch', 0),
+        'precision': record.get('precision'),
     }
 
 

@@ -27,6 +27,7 @@ from pretext_tasks.registry import build_task
 
 from .compat import EngineRunner, atomic_torch_save, install, load_checkpoint_file
 from .errors import CheckpointError, PlanError
+from .precision import Precision, apply_precision, optim_wrapper_type, resolve_precision
 
 install()
 
@@ -117,9 +118,11 @@ class StageInputs:
     backbone_cfg: dict
     seed: int
     device: str                       # 'cpu' or 'cuda'
-    amp: str = 'none'
+    precision: Precision | None = None  # None: fp32 (curriculum.precision.resolve_precision)
     deterministic: bool = False
-    channels_last: bool = True
+
+    def resolved_precision(self) -> Precision:
+        return self.precision or resolve_precision('none', self.device)
 
 
 def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_backbone: str | None):
@@ -140,9 +143,7 @@ def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_back
         if not isinstance(state, dict):
             raise CheckpointError(f'{parent_backbone}: expected a backbone state dict')
         task.load_backbone(state)
-    if inputs.channels_last:
-        task = task.to(memory_format=torch.channels_last)
-    return task
+    return apply_precision(task, task.backbone, inputs.resolved_precision())
 
 
 def _loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
@@ -157,10 +158,7 @@ def _loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
 def _optim_wrapper(cfg: dict, lr: float, inputs: StageInputs) -> dict:
     optimizer = dict(cfg['optimizer'])
     optimizer['lr'] = float(lr)
-    wrapper = dict(type='OptimWrapper', optimizer=optimizer)
-    if inputs.device == 'cuda' and inputs.amp in ('bf16', 'fp16'):
-        wrapper = dict(type='AmpOptimWrapper', optimizer=optimizer,
-                       dtype='bfloat16' if inputs.amp == 'bf16' else 'float16')
+    wrapper = dict(type=optim_wrapper_type(inputs.resolved_precision()), optimizer=optimizer)
     if cfg.get('clip_grad'):
         wrapper['clip_grad'] = dict(cfg['clip_grad'])
     return wrapper

@@ -3,7 +3,10 @@
 :func:`evaluate` is the common entry: it fits on ``dataset.train_indices(label_fraction, seed)``, selects on the
 'val' split and reports on the 'test' split, for each requested protocol of :data:`PROTOCOLS`. Frozen features
 are extracted once and shared by 'linear' and 'knn'. The backbone (an mmpretrain backbone whose forward returns
-a tuple of feature maps) is never modified: fine-tuning works on a deep copy.
+a tuple of feature maps) is never modified: fine-tuning works on a deep copy. The protocols run the backbone as
+they get it: a backbone whose forward autocasts to bf16 and returns fp32 outputs (the engine's
+``curriculum.precision.apply_precision``) is evaluated in that precision, and its deep copies keep it; heads,
+losses, the L-BFGS probe and kNN similarities are fp32.
 """
 from __future__ import annotations
 

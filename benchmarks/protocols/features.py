@@ -30,14 +30,6 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA, a no-op context elsewhere."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``backbone`` on model input ``x`` and global-average-pool its last output to ``(N, D)``."""
     out = backbone(x)
@@ -95,8 +87,7 @@ def extract_features(backbone: nn.Module, images_uint8, device: torch.device | s
     with borrowed(backbone, device):
         for batch in image_batches(images_uint8, indices, batch_size):
             batch = batch.to(device)
-            with autocast(device):
-                feats = pooled_features(backbone, to_model_input(batch))
+            feats = pooled_features(backbone, to_model_input(batch))
             chunks.append(feats.float().cpu())
     if not chunks:
         raise ValueError('extract_features: no images')

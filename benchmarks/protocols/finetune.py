@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import compute_metrics, headline_metric, test_metrics
-from .features import Splits, autocast, feature_dim, image_batches, pooled_features, to_model_input
+from .features import Splits, feature_dim, image_batches, pooled_features, to_model_input
 from .linear import balanced_loss, labels_tensor, scores_from_logits, selection_value
 
 DEFAULT_EPOCHS = 20
@@ -78,8 +78,7 @@ def predict_scores(model: FineTunedModel, images_uint8, indices: np.ndarray | No
     model.eval()
     chunks = []
     for batch in image_batches(images_uint8, indices, batch_size):
-        with autocast(device):
-            logits = model(to_model_input(batch.to(device)))
+        logits = model(to_model_input(batch.to(device)))
         chunks.append(logits.float().cpu())
     model.train(was_training)
     return scores_from_logits(torch.cat(chunks), model.multilabel)
@@ -158,8 +157,7 @@ def finetune(backbone: nn.Module, images_uint8, labels: np.ndarray, splits: Spli
                 images = torch.as_tensor(np.asarray(images_uint8[pick])).to(device)
                 targets = train_labels[batch].to(device)
                 x = augment_batch(to_model_input(images), generator, aug_scale, hflip=hflip, vflip=vflip)
-                with autocast(device):
-                    logits = model(x)
+                logits = model(x)
                 loss = loss_fn(logits, targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
