@@ -79,6 +79,11 @@ def progress_printer():
             tqdm.write(f'[stage {step}/{total}] {info.get("task")} (key {info.get("key")})')
         elif kind == 'trial':
             tqdm.write(f'  lr trial {step}/{total}: lr={info["lr"]:.3g} score={info["score"]:.4f}')
+        elif kind == 'lr_search':
+            spread, noise = info.get('spread'), info.get('noise')
+            if spread is not None and noise is not None:
+                tqdm.write(f'  lr search: chose lr={info["lr"]:.3g}; trial spread {spread:.4f} vs noise {noise:.4f}'
+                           f' ({"discriminates" if spread > noise else "does NOT discriminate"})')
         elif kind == 'iter':
             if state['bar'] is None or state['bar'].total != total:
                 close_bar()
@@ -87,10 +92,14 @@ def progress_printer():
                 state['bar'].update(step - 1)
             state['bar'].update(1)
         elif kind == 'epoch':
-            loss = info.get('loss')
-            extra = f' pretext_acc={info["pretext_acc"]:.3f}' if 'pretext_acc' in info else ''
-            tqdm.write(f'  epoch {step}/{total}: loss={loss:.4f}{extra}' if loss is not None
-                       else f'  epoch {step}/{total}')
+            parts = [f'  epoch {step}/{total}:' if step else f'  epoch 0/{total} (start):']
+            if info.get('loss') is not None:
+                parts.append(f'loss={info["loss"]:.4f}')
+            if 'pretext_acc' in info:
+                parts.append(f'pretext_acc={info["pretext_acc"]:.3f}')
+            if 'knn' in info:
+                parts.append(f'knn={info["knn"]:.3f}')
+            tqdm.write(' '.join(parts))
         elif kind == 'downstream':
             close_bar()
             tqdm.write(f'[downstream] {info.get("dataset")}')

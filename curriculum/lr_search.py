@@ -12,15 +12,21 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import optuna
 from mmengine.dist import get_rank
 from optuna.trial import TrialState
 
+from pretext_tasks.errors import NonFiniteLossError
+
 from .distributed import from_rank0
 from .errors import EngineError
 from .stage import StageInputs, run_trial
+
+#: seed offset of the repeated trial that measures the search's noise
+NOISE_SEED_OFFSET = 7919
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 logger = logging.getLogger(__name__)
@@ -83,7 +89,7 @@ def trial_records(study: optuna.Study) -> list[dict]:
 
 
 def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, parent_backbone: str | None,
-              stage_key: str, storage: str, trials_dir: str, progress=None, knn_data: dict | None = None) -> dict:
+              stage_key: str, storage: str, trials_dir: str, progress=None, monitor=None) -> dict:
     """Run (or resume) the study for one stage; returns ``{'lr', 'trials', 'study', 'storage', 'searched'}``."""
     n_trials = int(search_cfg.get('trials', 0))
     if n_trials <= 0:
@@ -109,7 +115,7 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
     reports = max(1, int(search_cfg.get('reports', 2)))
     report_at = sorted({max(1, round(iterations * (k + 1) / reports)) for k in range(reports)})
     val_count = min(len(inputs.val_images), int(search_cfg.get('val_images', 256)))
-    score_fn = make_score_fn(search_cfg, inputs.val_images[:val_count], knn_data, inputs.device)
+    score_fn = make_score_fn(search_cfg, inputs.val_images[:val_count], monitor)
 
     def run_one(lr: float, trial: optuna.Trial | None, number: int) -> float:
         """One trial on every rank; rank 0 holds the Optuna trial and decides pruning for all."""
@@ -128,7 +134,7 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
         except optuna.TrialPruned:
             raise
         except Exception as exc:  # a diverging LR (NaN loss) is a failed trial, not a failed search
-            if type(exc).__name__ == 'NonFiniteLossError':
+            if isinstance(exc, NonFiniteLossError):
                 if trial is not None:
                     trial.set_user_attr('error', str(exc))
                 return -1e9
@@ -157,31 +163,57 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
             study.tell(trial, score)
         if progress:
             progress('trial', number + 1, n_trials, {'lr': lr, 'score': score})
-    if study is None:   # ranks other than 0 learn the outcome from rank 0
-        return from_rank0(None)
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not completed:
-        chosen = float(cfg['lr'])
-        logger.warning('%s: every LR trial was pruned or failed; using the default lr %g', task_name, chosen)
-    else:
-        chosen = float(max(completed, key=lambda t: t.value).params['lr'])
-    return from_rank0({'lr': chosen, 'trials': trial_records(study), 'study': study_name, 'storage': storage,
-                    'searched': True, 'iterations_per_trial': iterations})
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE] \
+        if study is not None else []
+    outcome = None
+    if study is not None:
+        if not completed:
+            chosen = float(cfg['lr'])
+            logger.warning('%s: every LR trial was pruned or failed; using the default lr %g', task_name, chosen)
+        else:
+            chosen = float(max(completed, key=lambda t: t.value).params['lr'])
+        outcome = {'lr': chosen, 'trials': trial_records(study), 'study': study_name, 'storage': storage,
+                   'searched': True, 'iterations_per_trial': iterations,
+                   'objective': objective_name(search_cfg, monitor)}
+    outcome = from_rank0(outcome)   # ranks other than 0 learn the outcome from rank 0
+    scores = [t['score'] for t in outcome['trials'] if t['state'] == 'complete' and t['score'] is not None
+              and t['score'] > -1e8]
+    outcome['spread'] = float(max(scores) - min(scores)) if len(scores) >= 2 else None
+    outcome['noise'] = None
+    if search_cfg.get('noise_check', True) and scores:
+        # the same trial (the chosen LR) again with another seed (initial draws, data order, augmentation):
+        # the search discriminates only where the spread of its trials exceeds this
+        best = max(scores)
+        try:
+            repeat = run_trial(task_name, cfg, outcome['lr'], replace(inputs, seed=inputs.seed + NOISE_SEED_OFFSET),
+                               parent_backbone, os.path.join(trials_dir, 'noise_check'), iterations, report_at,
+                               score_fn, lambda score, step: None)
+        except NonFiniteLossError:
+            repeat = float('nan')
+        if math.isfinite(repeat):
+            outcome['noise'] = float(abs(repeat - best))
+            outcome['noise_repeat_score'] = float(repeat)
+    outcome['discriminates'] = (None if outcome['spread'] is None or outcome['noise'] is None
+                                else bool(outcome['spread'] > outcome['noise']))
+    return outcome
 
 
 
-def make_score_fn(search_cfg: dict, val_images: np.ndarray, knn_data: dict | None, device: str):
-    """The trial objective (higher is better): the task's own validation score on val images, or the balanced
-    accuracy of a kNN probe (k=20) fitted on labeled train images and scored on val images."""
-    if search_cfg.get('objective', 'pretext') == 'knn':
-        if knn_data is None:
+def objective_name(search_cfg: dict, monitor) -> str:
+    """``knn`` or ``pretext``: ``auto`` (the default) is ``knn`` when the pretext data has labels for the kNN
+    monitor, else the task's own validation score."""
+    objective = search_cfg.get('objective', 'auto')
+    if objective == 'auto':
+        return 'knn' if monitor is not None else 'pretext'
+    return objective
+
+
+def make_score_fn(search_cfg: dict, val_images: np.ndarray, monitor):
+    """The trial objective (higher is better): the task's own validation score on val images, or the kNN
+    monitor's balanced accuracy on val (:class:`curriculum.monitor.KnnMonitor`: labeled train memory at the run's
+    label fraction, never the test split)."""
+    if objective_name(search_cfg, monitor) == 'knn':
+        if monitor is None:
             raise ValueError('lr_search.objective=knn needs a labeled pretext dataset')
-        from benchmarks.protocols.features import extract_features
-        from benchmarks.protocols.knn import knn_score
-
-        def knn(model) -> float:
-            train = extract_features(model.backbone, knn_data['train_images'], device)
-            val = extract_features(model.backbone, knn_data['val_images'], device)
-            return float(knn_score(train, knn_data['train_labels'], val, knn_data['val_labels'], k=20))
-        return knn
+        return lambda model: monitor.score(model.backbone)
     return lambda model: float(model.validation_score(val_images))

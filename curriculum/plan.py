@@ -175,8 +175,15 @@ def validate_config(config: dict) -> None:
     fraction = _positive_number(search.get('trial_fraction', 0.2), 'lr_search.trial_fraction')
     if fraction > 1:
         raise PlanError(f'lr_search.trial_fraction must be in (0, 1], got {fraction}')
-    if search.get('objective', 'pretext') not in ('pretext', 'knn'):
-        raise PlanError(f'lr_search.objective must be pretext or knn, got {search.get("objective")!r}')
+    if search.get('objective', 'auto') not in ('auto', 'pretext', 'knn'):
+        raise PlanError(f'lr_search.objective must be auto, pretext or knn, got {search.get("objective")!r}')
+    monitor = config.get('monitor') or {}
+    if not isinstance(monitor, dict):
+        raise PlanError(f'monitor must be a mapping (knn, every, max_images, k), got {monitor!r}')
+    if not isinstance(monitor.get('knn', True), bool):
+        raise PlanError(f'monitor.knn must be true or false, got {monitor.get("knn")!r}')
+    for name, default in (('every', 1), ('max_images', 1000), ('k', 20)):
+        _positive_number(monitor.get(name, default), f'monitor.{name}', integer=True)
     if search.get('sampler', 'stratified') not in ('stratified', 'tpe', 'random'):
         raise PlanError(f'lr_search.sampler must be stratified, tpe or random, got {search.get("sampler")!r}')
     if search.get('pruner', 'median') not in ('median', 'none'):

@@ -26,6 +26,7 @@ from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_u
 from .distributed import from_rank0
 from .errors import CheckpointError
 from .lr_search import default_storage, search_lr
+from .monitor import KnnMonitor
 from .plan import RunPlan
 from .precision import apply_precision, resolve_precision
 from .results import record_run
@@ -85,6 +86,19 @@ def _init_backbone_file(init_path: str, work_root: str) -> tuple[str, str]:
     return target, f'init:{digest}'
 
 
+def build_monitor(config: dict, pretext, device: str):
+    """The online kNN monitor of the run's stages (also the LR search's ``knn`` objective) and its interval:
+    ``(KnnMonitor | None, every)``. None when ``monitor.knn`` is off and the LR search does not need it."""
+    settings = dict(config.get('monitor') or {})
+    objective = (config.get('lr_search') or {}).get('objective', 'auto')
+    if not settings.get('knn', True) and objective != 'knn':
+        return None, 1
+    evaluation = config.get('evaluation') or {}
+    monitor = KnnMonitor.from_dataset(pretext, float(evaluation.get('label_fraction', 1.0)), int(config['seed']),
+                                      int(settings.get('max_images', 1000)), int(settings.get('k', 20)), device)
+    return monitor, int(settings.get('every', 1)) if settings.get('knn', True) else 0
+
+
 def precision_key(precision, deterministic: bool) -> str:
     """The stage-key part for numerics: device, precision used (fp32 on a CPU key as before this option), model
     memory format where it is not that device's default, deterministic kernels."""
@@ -126,11 +140,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         precision=from_rank0(resolve_precision(config.get('amp'), device, config.get('channels_last', 'auto'))
                              if get_rank() == 0 else None),
         deterministic=bool(config.get('deterministic')))
-    knn_data = None
-    if (config.get('lr_search') or {}).get('objective') == 'knn':
-        train_idx, val_idx = pretext.indices('train'), pretext.indices('val')
-        knn_data = dict(train_images=pretext.images[train_idx], train_labels=pretext.labels[train_idx],
-                        val_images=pretext.images[val_idx], val_labels=pretext.labels[val_idx])
+    monitor, monitor_every = build_monitor(config, pretext, device)
     precision = precision_key(inputs.precision, inputs.deterministic)
     if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
         precision += f':ws={get_world_size()}'
@@ -150,7 +160,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
             progress('stage', index + 1, len(plan.stages), {'task': stage.task, 'key': key})
         with stage_lock(directory) if get_rank() == 0 else nullcontext():
             record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs,
-                                      search_cfg, storage, knn_data, progress, stage_started)
+                                      search_cfg, storage, monitor, monitor_every, progress, stage_started)
         stages.append(record)
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
     if get_rank() != 0:
@@ -220,7 +230,7 @@ def stage_lock(directory: str):
 
 
 def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs, search_cfg, storage,
-                     knn_data, progress, stage_started) -> dict:
+                     monitor, monitor_every, progress, stage_started) -> dict:
     """The stage's record from the cache, or an LR search and a training run that fill the cache. Under DDP every
     rank trains; rank 0 decides cache hits, writes the record and shares it."""
     cached = from_rank0(os.path.exists(record_path))
@@ -233,9 +243,12 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         return from_rank0(record)
     else:
         search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
-                           os.path.join(directory, 'lr_search'), progress, knn_data)
+                           os.path.join(directory, 'lr_search'), progress, monitor)
         search_seconds = time.time() - stage_started
-        record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress)
+        if progress and search.get('searched'):
+            progress('lr_search', 0, 0, search)
+        record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress,
+                             monitor if monitor_every > 0 else None, max(1, monitor_every))
         record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
                       precision=inputs.precision.as_dict(),
                       train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
@@ -295,13 +308,16 @@ def _stage_summary(record: dict) -> dict:
         'task': record['task'], 'lr': record['lr'], 'epochs': record['epochs'],
         'lr_search': {'trials': search.get('trials', []), 'study': search.get('study'),
                       'searched': search.get('searched', False),
-                      'iterations_per_trial': search.get('iterations_per_trial')},
+                      'iterations_per_trial': search.get('iterations_per_trial'),
+                      'objective': search.get('objective'), 'spread': search.get('spread'),
+                      'noise': search.get('noise'), 'discriminates': search.get('discriminates')},
         'final_loss': record.get('final_loss'), 'first_loss': record.get('first_loss'),
         'seconds': record.get('seconds'), 'lr_search_seconds': record.get('lr_search_seconds'),
         'train_seconds': record.get('train_seconds'), 'cache_hit': bool(record.get('cache_hit')),
         'key': record.get('key'), 'stage_dir': record.get('stage_dir'), 'history': record.get('history', []),
         'resumed_at_epoch': record.get('resumed_at_epoch', 0),
         'precision': record.get('precision'),
+        'monitor': record.get('monitor'),
     }
 
 

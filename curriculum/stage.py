@@ -49,23 +49,48 @@ def write_json_atomic(path: str, data) -> None:
 
 class StageProgressHook(Hook):
     """Feeds (epoch, iteration) to the task before each step (seeded augmentation, error messages), keeps the
-    per-epoch history across resumes, and drives an optional progress callback."""
+    per-epoch history across resumes, runs the online kNN monitor (epoch 0 = the backbone the stage starts from,
+    then every ``every`` epochs and after the last) and drives an optional progress callback.
+
+    ``history.json`` holds one entry per epoch: the means of every logged value, plus ``knn`` (balanced accuracy
+    on val) and ``monitor_seconds`` on monitored epochs; entry ``{'epoch': 0, 'knn': ...}`` is the start."""
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, history_path: str | None, progress: Callable[[str, int, int, dict], None] | None = None):
+    def __init__(self, history_path: str | None, progress: Callable[[str, int, int, dict], None] | None = None,
+                 monitor=None, every: int = 1):
         self.history_path = history_path
         self.progress = progress
+        self.monitor = monitor
+        self.every = max(1, int(every))
         self.history: list[dict] = []
         self.resumed_at_epoch = 0
         self._sums: dict[str, float] = {}
         self._count = 0
 
+    def _monitor(self, runner, epoch: int) -> dict:
+        """``{'knn', 'monitor_seconds'}`` of the current backbone on rank 0 (other ranks: nothing)."""
+        if self.monitor is None or get_rank() != 0:
+            return {}
+        value, seconds = self.monitor.timed_score(unwrap(runner.model).backbone)
+        runner.visualizer.add_scalars({'knn': value}, step=epoch)
+        return {'knn': value, 'monitor_seconds': seconds}
+
+    def _save(self) -> None:
+        if self.history_path and get_rank() == 0:
+            write_json_atomic(self.history_path, self.history)
+
     def before_train(self, runner) -> None:
         self.resumed_at_epoch = int(runner.epoch)
         if self.history_path and os.path.exists(self.history_path):
             with open(self.history_path) as handle:
-                self.history = json.load(handle)[:runner.epoch]
+                self.history = [entry for entry in json.load(handle) if entry.get('epoch', 0) <= runner.epoch]
+        if runner.epoch == 0:
+            start = self._monitor(runner, 0)
+            self.history = [{'epoch': 0, **start}] if start else []
+            self._save()
+            if self.progress and start:
+                self.progress('epoch', 0, runner.max_epochs, dict(start))
 
     def before_train_epoch(self, runner) -> None:
         self._sums, self._count = {}, 0
@@ -81,13 +106,15 @@ class StageProgressHook(Hook):
             self.progress('iter', runner.iter + 1, runner.max_iters, {})
 
     def after_train_epoch(self, runner) -> None:
+        epoch = runner.epoch + 1
         means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
-        means['epoch'] = runner.epoch + 1
+        means['epoch'] = epoch
+        if epoch % self.every == 0 or epoch == runner.max_epochs:
+            means.update(self._monitor(runner, epoch))
         self.history.append(means)
-        if self.history_path and get_rank() == 0:
-            write_json_atomic(self.history_path, self.history)
+        self._save()
         if self.progress:
-            self.progress('epoch', runner.epoch + 1, runner.max_epochs, means)
+            self.progress('epoch', epoch, runner.max_epochs, means)
 
 
 class TrialReportHook(Hook):
@@ -207,8 +234,10 @@ def _runner(task, work_dir: str, loader: DataLoader, train_cfg: dict, optim_wrap
 
 
 def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, parent_backbone: str | None,
-                stage_dir: str, progress=None) -> dict:
-    """Train (or resume) one stage; writes ``backbone.pth`` then ``stage.json`` and returns the stage record."""
+                stage_dir: str, progress=None, monitor=None, monitor_every: int = 1) -> dict:
+    """Train (or resume) one stage; writes ``backbone.pth`` then ``stage.json`` and returns the stage record.
+    ``monitor`` (a :class:`curriculum.monitor.KnnMonitor`) scores the backbone at the start and every
+    ``monitor_every`` epochs."""
     os.makedirs(stage_dir, exist_ok=True)
     started = time.time()
     task = build_stage_task(task_name, cfg, inputs, parent_backbone)
@@ -216,28 +245,46 @@ def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, paren
     epochs = int(cfg['epochs'])
     schedulers = [dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs,
                        eta_min=float(lr) * 1e-3, convert_to_iter_based=True)]
-    history_hook = StageProgressHook(os.path.join(stage_dir, HISTORY_FILE), progress)
+    history_hook = StageProgressHook(os.path.join(stage_dir, HISTORY_FILE), progress, monitor, monitor_every)
     runner = _runner(task, stage_dir, loader, dict(by_epoch=True, max_epochs=epochs, val_interval=epochs + 1),
                      _optim_wrapper(cfg, lr, inputs), schedulers, [history_hook], inputs, checkpoints=True,
                      tensorboard=True)
     runner.train()
     model = unwrap(runner.model)
     history = history_hook.history
+    losses = [entry['loss'] for entry in history if 'loss' in entry]
+    seconds = time.time() - started
     record = {
         'task': task_name,
         'lr': float(lr),
         'epochs': epochs,
-        'final_loss': float(history[-1]['loss']) if history and 'loss' in history[-1] else None,
-        'first_loss': float(history[0]['loss']) if history and 'loss' in history[0] else None,
+        'final_loss': float(losses[-1]) if losses else None,
+        'first_loss': float(losses[0]) if losses else None,
         'history': history,
+        'monitor': monitor_summary(history, seconds),
         'resumed_at_epoch': history_hook.resumed_at_epoch,  # 0: trained from the start in this process
-        'seconds_this_process': time.time() - started,
+        'seconds_this_process': seconds,
         'num_images': int(len(inputs.train_images)),
         'batch_size': int(cfg['batch_size']),
     }
     if get_rank() == 0:
         atomic_torch_save(model.backbone_state(), os.path.join(stage_dir, BACKBONE_FILE))
     return record
+
+
+def monitor_summary(history: list[dict], stage_seconds: float) -> dict | None:
+    """The kNN curve of a stage's history: ``{'epochs': [...], 'knn': [...], 'start', 'final', 'best',
+    'best_epoch', 'first_epoch_above_start', 'seconds', 'share_of_stage'}``; None when nothing was monitored."""
+    curve = {int(entry['epoch']): float(entry['knn']) for entry in history if 'knn' in entry}
+    if not curve:
+        return None
+    seconds = sum(float(entry.get('monitor_seconds', 0.0)) for entry in history)
+    start = curve.get(0)
+    best_epoch = max(curve, key=lambda epoch: (curve[epoch], -epoch))
+    above = [epoch for epoch in sorted(curve) if epoch > 0 and start is not None and curve[epoch] > start]
+    return {'epochs': sorted(curve), 'knn': [curve[epoch] for epoch in sorted(curve)], 'start': start, 'final': curve[max(curve)], 'best': curve[best_epoch],
+            'best_epoch': best_epoch, 'first_epoch_above_start': above[0] if above else None,
+            'seconds': seconds, 'share_of_stage': seconds / stage_seconds if stage_seconds > 0 else None}
 
 
 def run_trial(task_name: str, cfg: dict, lr: float, inputs: StageInputs, parent_backbone: str | None,

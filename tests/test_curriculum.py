@@ -151,7 +151,9 @@ def test_kill_during_second_stage_then_resume_matches_uninterrupted(tmp_path):
     result = json.loads((work_root / 'rotation,moco' / 'result.json').read_text())
     assert [s['cache_hit'] for s in result['stages']] == [True, False]
     history = result['stages'][1]['history']
-    assert [h['epoch'] for h in history] == [1, 2]
+    assert [h['epoch'] for h in history] == [0, 1, 2]     # epoch 0: the kNN monitor's value at the start
+    want_history = expected['stages'][1]['history']
+    assert [h['knn'] for h in history] == pytest.approx([h['knn'] for h in want_history], abs=1e-9)
     assert result['stages'][1]['resumed_at_epoch'] == 1
     for got, want in zip(result['stages'], expected['stages']):
         assert got['lr'] == want['lr']
