@@ -11,7 +11,8 @@ import json
 import os
 
 #: 2: stages before it ignored their parent's backbone (re-initialised by the Runner); never reuse them
-CACHE_VERSION = 2
+#: 3: a first stage starts from the seed's task-independent initial backbone (pretext_tasks.base.initial_backbone)
+CACHE_VERSION = 3
 STAGES_DIR = 'stages'
 
 

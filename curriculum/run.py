@@ -19,7 +19,7 @@ import torch
 from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 
 from benchmarks.datasets import load_dataset
-from pretext_tasks.base import build_backbone
+from pretext_tasks.base import initial_backbone
 
 from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
@@ -110,8 +110,8 @@ def precision_key(precision, deterministic: bool) -> str:
 
 def final_backbone(backbone_cfg: dict, backbone_file: str | None, seed: int) -> torch.nn.Module:
     """The backbone evaluated downstream: the last stage's weights, or a seeded random initialisation."""
-    torch.manual_seed(seed)
-    backbone = build_backbone(backbone_cfg)
+    torch.manual_seed(seed)   # the protocols that follow start from the seed's global RNG state, as before
+    backbone = initial_backbone(backbone_cfg, seed)
     if backbone_file:
         state = load_checkpoint_file(backbone_file, map_location='cpu')
         result = backbone.load_state_dict(state, strict=False)

@@ -22,6 +22,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch.utils.data import DataLoader
 
+from pretext_tasks.base import initial_backbone
 from pretext_tasks.data import IndexedImages, collate_batch
 from pretext_tasks.registry import build_task
 
@@ -159,7 +160,8 @@ def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_back
     The task's ``init_weights()`` (mmengine's BaseModule: the backbone's and heads' ``init_cfg``) runs here, before
     the parent's weights are loaded. mmengine's Runner calls ``init_weights()`` again when training starts, which is
     then a no-op (``_is_init``); left to the Runner, it re-initialised the backbone *after* the parent's weights had
-    been loaded, so every stage silently started from the same random initialisation."""
+    been loaded, so every stage silently started from the same random initialisation. A stage without a parent
+    starts from :func:`pretext_tasks.base.initial_backbone` of the seed, whatever its task."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(inputs.seed)
         task = build_task(task_name, inputs.backbone_cfg, cfg, len(inputs.train_images), inputs.image_size,
@@ -169,7 +171,9 @@ def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_back
         state = load_checkpoint_file(parent_backbone, map_location='cpu')
         if not isinstance(state, dict):
             raise CheckpointError(f'{parent_backbone}: expected a backbone state dict')
-        task.load_backbone(state)
+    else:  # the seed's random initialisation, the same for every task (and for --order none)
+        state = initial_backbone(inputs.backbone_cfg, inputs.seed).state_dict()
+    task.load_backbone(state)
     return apply_precision(task, task.backbone, inputs.resolved_precision())
 
 

@@ -39,6 +39,35 @@ def build_backbone(cfg: dict | None) -> nn.Module:
         raise PretextConfigError(f'unknown backbone type {cfg.get("type")!r}: {exc}') from None
 
 
+def quiet_init_weights(module: nn.Module) -> None:
+    """mmengine's ``init_weights()`` (the modules' ``init_cfg``) with its per-parameter report at DEBUG level only:
+    MMLogger filters in its handlers and leaves the logger itself at NOTSET, so "does anyone want DEBUG?" is a
+    question for the handlers: only a DEBUG handler keeps mmengine's report."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    if not any(handler.level <= logging.DEBUG for handler in logger.handlers):
+        logger.setLevel(logging.WARNING)
+    try:
+        module.init_weights()
+    finally:
+        logger.setLevel(level)
+
+
+def initial_backbone(cfg: dict | None, seed: int) -> nn.Module:
+    """The random initialisation of seed ``seed``: the backbone built and initialised (its ``init_cfg``, e.g.
+    Kaiming for ResNet convolutions) from a generator seeded with ``seed`` alone. Every first stage starts from it,
+    whatever its task builds around the backbone, and ``--order none`` evaluates it, so "better than random
+    initialisation" compares against the very weights a stage started from. The caller's RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        backbone = build_backbone(cfg)
+        if hasattr(backbone, 'init_weights'):
+            quiet_init_weights(backbone)
+    return backbone
+
+
 def pool_last(features: Any) -> torch.Tensor:
     """Global-average-pool the last feature map an mmpretrain backbone returns (a tuple of maps)."""
     last = features[-1] if isinstance(features, (tuple, list)) else features
@@ -78,18 +107,7 @@ class PretextTask(BaseModel):
         the per-parameter report mmengine logs at INFO level goes to the logger only at DEBUG level."""
         if self.is_init:
             return
-        from mmengine.logging import MMLogger
-
-        logger = MMLogger.get_current_instance()
-        level = logger.level
-        # MMLogger filters in its handlers and leaves the logger itself at NOTSET, so "does anyone want DEBUG?"
-        # is a question for the handlers: only a DEBUG handler keeps mmengine's report
-        if not any(handler.level <= logging.DEBUG for handler in logger.handlers):
-            logger.setLevel(logging.WARNING)
-        try:
-            super().init_weights()
-        finally:
-            logger.setLevel(level)
+        quiet_init_weights(super())
 
     def _probe_feature_dim(self) -> int:
         was_training = self.backbone.training

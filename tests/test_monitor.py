@@ -99,3 +99,23 @@ def test_a_run_records_the_monitor_and_the_lr_search_spread_and_noise(tmp_path):
     assert search['discriminates'] == (search['spread'] > search['noise'])
     assert stage['monitor']['epochs'] == [0, 1]
     assert result['precision']['used'] in ('fp32', 'bf16')
+
+
+def test_every_first_stage_and_order_none_start_from_the_same_random_initialisation():
+    import torch
+
+    from curriculum.plan import build_plan, load_config
+    from curriculum.run import final_backbone
+    from curriculum.stage import StageInputs, build_stage_task
+
+    images = np.zeros((64, 32, 32, 3), dtype=np.uint8)
+    inputs = StageInputs(train_images=images, val_images=images[:8], image_size=32, backbone_cfg=SMALL_BACKBONE,
+                         seed=5, device='cpu')
+    config = load_config(None, {'tasks.moco.batch_size': 32, 'tasks.swav.batch_size': 32})
+    states = [build_stage_task(task, build_plan(task, config).stages[0].cfg, inputs, None).backbone.state_dict()
+              for task in ('rotation', 'moco', 'swav')]
+    states.append(final_backbone(SMALL_BACKBONE, None, seed=5).state_dict())
+    for state in states[1:]:
+        assert all(torch.equal(state[key], states[0][key]) for key in states[0])
+    other_seed = final_backbone(SMALL_BACKBONE, None, seed=6).state_dict()
+    assert not torch.equal(other_seed['conv1.weight'], states[0]['conv1.weight'])
