@@ -24,14 +24,17 @@ SATURATION_TOLERANCE = 0.01
 
 
 def curve_of(result: dict) -> dict:
-    """``{'epochs', 'knn', 'seconds', 'lr', 'start'}`` of a single-stage run's result."""
+    """``{'epochs', 'knn', 'loss', 'start', 'lr', 'cache_hit', 'train_seconds', 'monitor_seconds'}`` of a
+    single-stage run's result (``loss`` is None at epoch 0)."""
     stage = result['stages'][0]
     monitor = stage.get('monitor') or {}
     if not monitor.get('epochs'):
         raise ValueError(f'{stage["task"]}: the stage has no kNN monitor curve (monitor.knn off, or a stage cached '
                          f'before the monitor existed)')
     train_seconds = stage.get('train_seconds')
+    losses = {int(entry['epoch']): entry['loss'] for entry in stage.get('history', []) if 'loss' in entry}
     return {'epochs': list(monitor['epochs']), 'knn': list(monitor['knn']), 'start': monitor['start'],
+            'loss': [losses.get(int(epoch)) for epoch in monitor['epochs']],
             'lr': stage['lr'], 'cache_hit': stage['cache_hit'],
             'train_seconds': train_seconds, 'monitor_seconds': monitor.get('seconds')}
 

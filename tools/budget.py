@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     precision = None
     try:
         for (task, seed), plan in plans.items():
-            work_dir = os.path.join(args.work_root, 'runs', f'{task}-seed{seed}')
+            work_dir = os.path.join(args.work_root, 'runs', f'{task}-seed{seed}-amp_{plan.config.get("amp")}')
             result = run_curriculum(plan, work_dir, args.work_root, results_url,
                                     optuna_storage=args.optuna_storage)
             curve = budget.curve_of(result)
