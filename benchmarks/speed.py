@@ -1,19 +1,23 @@
 """Speed measurements of the engine: the device's FLOP ceiling, our pretext training steps, k-means.
 
 Used by ``tools/benchmark.py`` (which also measures mmpretrain's own MoCo/SwAV pipelines with
-:mod:`benchmarks.speed_peer` and the sweep cache / LR-search cost with :mod:`benchmarks.speed_sweep`).
+:mod:`benchmarks.speed_peer`, a lightly user's MoCo/SwAV loop with :mod:`benchmarks.speed_lightly`, the downstream
+protocols with :mod:`benchmarks.speed_downstream` and the sweep cache / LR-search cost with
+:mod:`benchmarks.speed_sweep`).
 
 What "our training step" means here: a DataLoader over :class:`pretext_tasks.data.IndexedImages` built by the stage
-runner's own ``curriculum.stage._loader``, the task built by ``curriculum.stage.build_stage_task`` (same
-channels-last rule as ``curriculum/run.py``: only on CUDA), the optimiser wrapper built by mmengine from the stage
-runner's ``_optim_wrapper`` config, ``set_progress`` before every step and the task's own hooks called at the
-Runner's points with a minimal stand-in for the Runner. Batch loading, augmentation, forward, backward, the optimiser
-step and the hooks are all inside the timed loop; one-off set-up (building the model, a hook's ``before_train``
-such as ODC's memory initialisation) is timed separately.
+runner's own ``curriculum.stage._loader``, the task built by ``curriculum.stage.build_stage_task`` in the precision
+``resolve_precision(amp, device)`` gives (``curriculum/precision.py``: autocast of the backbone, channels_last with
+it), the optimiser wrapper built by mmengine from the stage runner's ``_optim_wrapper`` config, ``set_progress``
+before every step and the task's own hooks called at the Runner's points with a minimal stand-in for the Runner.
+Batch loading, augmentation, forward, backward, the optimiser step and the hooks are all inside the timed loop;
+one-off set-up (building the model, a hook's ``before_train`` such as ODC's memory initialisation) is timed
+separately. :func:`measure_task` times the default step (``amp='auto'``), the same step in fp32 and in bf16, and
+any peers in alternating blocks.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
-backward; element-wise work is not counted), so "fraction of the ceiling" is
-``counted FLOPs per second / measured large-matmul FLOPs per second``.
+backward; element-wise work is not counted), so "fraction of the ceiling" is ``counted FLOPs per second / measured
+large-matmul FLOPs per second`` of the dtype the step computes in (fp32 or bf16, both measured by :func:`ceiling`).
 """
 from __future__ import annotations
 
@@ -100,9 +104,9 @@ def synchronize(device: str) -> None:
 # the ceiling
 # ----------------------------------------------------------------------------------------------------------------
 def matmul_flops(device: str = 'cpu', size: int = 2048, repeats: int = 5, dtype=torch.float32) -> dict:
-    """FLOP/s of a large square fp32 matmul (best of ``repeats``; ``2 n^3`` FLOPs each)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """FLOP/s of a large square matmul in ``dtype`` (best of ``repeats``; ``2 n^3`` FLOPs each)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up
     synchronize(device)
@@ -115,6 +119,39 @@ def matmul_flops(device: str = 'cpu', size: int = 2048, repeats: int = 5, dtype=
     flops = 2.0 * size ** 3
     return {'flops_per_s': flops / min(times), 'size': size, 'repeats': repeats,
             'median_flops_per_s': flops / float(np.median(times)), 'dtype': str(dtype).replace('torch.', '')}
+
+
+#: the matmul dtypes of the ceiling, by the precision names of curriculum.precision (fp16 only on CUDA)
+CEILING_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def matmul_rates(device: str = 'cpu', size: int = 2048, repeats: int = 5, rounds: int = 2) -> dict[str, dict]:
+    """:func:`matmul_flops` of fp32 and bf16 (and fp16 on CUDA) in ``rounds`` alternating rounds, best of all, so
+    that a change in the machine's load hits every dtype alike. A dtype the device cannot multiply is left out."""
+    names = ['fp32', 'bf16'] + (['fp16'] if device == 'cuda' else [])
+    best: dict[str, dict] = {}
+    for _ in range(max(1, rounds)):
+        for name in list(names):
+            try:
+                result = matmul_flops(device, size, repeats, CEILING_DTYPES[name])
+            except RuntimeError:  # no kernel for this dtype on this device
+                names.remove(name)
+                continue
+            if name not in best or result['flops_per_s'] > best[name]['flops_per_s']:
+                best[name] = result
+    for result in best.values():
+        result['rounds'] = max(1, rounds)
+    return best
+
+
+def rate_for(rates: float | dict, used: str) -> tuple[float, str]:
+    """The matmul FLOP/s a step in precision ``used`` (fp32 / bf16 / fp16) is held against, and that rate's dtype.
+    ``rates`` is one fp32 rate or a ``{dtype: FLOP/s}`` map (a dtype without a measurement falls back to fp32)."""
+    if not isinstance(rates, dict):
+        return float(rates), 'fp32'
+    if rates.get(used):
+        return float(rates[used]), used
+    return float(rates['fp32']), 'fp32'
 
 
 def count_flops(fn) -> tuple[float, object]:
@@ -139,20 +176,41 @@ def backbone_forward_flops(backbone_cfg: dict | None = None, image_size: int = I
 
 
 def ceiling(device: str, quick: bool, image_size: int = IMAGE_SIZE) -> dict:
-    """Measured matmul FLOP/s, backbone FLOPs per image and the FLOP-bound training images/s."""
-    mm = matmul_flops(device, size=1024 if quick else 2048, repeats=3 if quick else 7)
+    """Measured matmul FLOP/s of fp32 and bf16 (fp16 too on CUDA), backbone FLOPs per image and the FLOP-bound
+    training images/s of each."""
+    rates = matmul_rates(device, size=1024 if quick else 2048, repeats=3 if quick else 5, rounds=2)
     forward = backbone_forward_flops(None, image_size)
     step = 3.0 * forward
-    return {
+    mm = rates['fp32']
+    out = {
         'matmul_flops_per_s': mm['flops_per_s'],
         'matmul': mm,
+        'fp32_gflops': mm['flops_per_s'] / 1e9,
         'backbone': 'mmpretrain ResNet-18 (out_indices=(3,), no classifier)',
         'image_size': image_size,
         'backbone_forward_flops_per_image': forward,
         'training_step_flops_per_image': step,
         'training_step_rule': 'forward x 3 (forward + backward of activations and weights)',
         'flop_bound_images_per_s': mm['flops_per_s'] / step,
+        'matmul_rule': 'fp32 and bf16 matmuls measured in 2 alternating rounds, best of all repeats',
     }
+    for name in ('bf16', 'fp16'):
+        if name in rates:
+            out[f'matmul_{name}'] = rates[name]
+            out[f'{name}_gflops'] = rates[name]['flops_per_s'] / 1e9
+            out[f'{name}_flop_bound_images_per_s'] = rates[name]['flops_per_s'] / step
+    if 'bf16' in rates:
+        out['bf16_over_fp32'] = rates['bf16']['flops_per_s'] / mm['flops_per_s']
+    return out
+
+
+def ceiling_rates(ceiling_entry: dict) -> dict[str, float]:
+    """``{dtype: matmul FLOP/s}`` of a :func:`ceiling` entry."""
+    rates = {'fp32': float(ceiling_entry['matmul_flops_per_s'])}
+    for name in ('bf16', 'fp16'):
+        if ceiling_entry.get(f'matmul_{name}'):
+            rates[name] = float(ceiling_entry[f'matmul_{name}']['flops_per_s'])
+    return rates
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,17 +402,31 @@ def add_profile(result: dict, profiled: dict | None, flops_per_step: float, matm
     result['profile'] = profiled
 
 
+#: the precision variants measured next to the default step: (result name, ``amp`` requested)
+PRECISION_VARIANTS = (('fp32', 'none'), ('bf16', 'bf16'))
+
+
+def precision_fields(precision) -> dict:
+    """What a result records of a :class:`curriculum.precision.Precision`."""
+    return {'precision': precision.used, 'precision_requested': precision.requested,
+            'precision_reason': precision.reason, 'channels_last_model': bool(precision.channels_last)}
+
+
 def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: float, steps: int,
-               warmup: int, matmul_flops_per_s: float, profiled: dict | None, augment_s: float | None) -> dict:
-    result = throughput(flops_per_step, wall, cpu, steps, training.batch_size, matmul_flops_per_s)
+               warmup: int, matmul_flops_per_s: float | dict, profiled: dict | None, augment_s: float | None) -> dict:
+    """Our step's throughput; its fraction of the ceiling is held against the matmul rate of the dtype the step
+    really uses (``matmul_flops_per_s``: one fp32 rate or a ``{dtype: rate}`` map, see :func:`rate_for`)."""
+    rate, dtype = rate_for(matmul_flops_per_s, training.precision.used)
+    result = throughput(flops_per_step, wall, cpu, steps, training.batch_size, rate)
     result.update({
         'warmup_steps': warmup,
         'image_size': int(training.loader.dataset.images.shape[1]),
         'num_images': int(len(training.loader.dataset)),
         'build_seconds': training.build_seconds,
         'before_train_seconds': training.before_train_seconds,
-        'channels_last_model': bool(training.channels_last),
-        'precision': training.precision.used,
+        **precision_fields(training.precision),
+        'ceiling_dtype': dtype,
+        'ceiling_flops_per_s': rate,
         'recipe': training.recipe_source,
         'optimizer': dict(training.cfg['optimizer']),
         'lr': float(training.cfg['lr']),
@@ -362,25 +434,177 @@ def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: f
         'augment_seconds_per_batch': augment_s,
         'augment_share_of_step': None if augment_s is None else augment_s / (wall / steps),
     })
-    add_profile(result, profiled, flops_per_step, matmul_flops_per_s)
+    add_profile(result, profiled, flops_per_step, rate)
     return result
 
 
-def measure_pretext(task_name: str, images: np.ndarray, matmul_flops_per_s: float, device: str = 'cpu',
-                    batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 8, profile: int = 1,
-                    seed: int = 0, amp: str = 'auto') -> dict:
-    """Images/s of our training step for one task, FLOPs per image actually processed, fraction of the ceiling
-    and (``profile`` > 0 steps) a profile. The first warm-up step is the one whose FLOPs are counted."""
+def wait_for_idle_workers(sides, interval: float = 0.05, limit: float = 10.0) -> float:
+    """Wait until the loader workers of every side (those with ``worker_cpu_seconds()``) stop using CPU (no
+    increase over ``interval``; at most ``limit`` seconds): their prefetching then runs in no other side's timed
+    block. Returns the seconds waited."""
+    meters = [side.worker_cpu_seconds for side in sides if hasattr(side, 'worker_cpu_seconds')]
+    if not meters:
+        return 0.0
+    started = time.perf_counter()
+    used = sum(meter() for meter in meters)
+    while time.perf_counter() - started < limit:
+        time.sleep(interval)
+        now = sum(meter() for meter in meters)
+        if now - used < 0.005:  # below one clock tick of /proc accounting
+            break
+        used = now
+    return time.perf_counter() - started
+
+
+def alternating_blocks(sides: dict, steps: int, rounds: int, device: str) -> dict[str, dict]:
+    """``rounds`` rounds of one block of ``steps`` timed steps per side, the sides in the given order in every
+    round, so that slow changes in the machine's load hit all of them alike. Before every block the sides' loader
+    workers are left to finish prefetching (:func:`wait_for_idle_workers`), so that a side with workers does not
+    slow down the next side's block; what a side's workers do is in its ``worker_cpu_seconds``, and the wait after
+    its block in ``refill_wait_seconds``. Returns ``{name: {'walls': [seconds per block], 'cpu': process CPU
+    seconds of all its blocks, 'refill_wait_seconds': seconds waited after its blocks}}``."""
+    timing = {name: {'walls': [], 'cpu': 0.0, 'refill_wait_seconds': 0.0} for name in sides}
+    wait_for_idle_workers(sides.values())
+    for _ in range(max(1, rounds)):
+        for name, side in sides.items():
+            wall, cpu = timed_steps(side.step, 0, steps, device)
+            timing[name]['walls'].append(wall)
+            timing[name]['cpu'] += cpu
+            timing[name]['refill_wait_seconds'] += wait_for_idle_workers(sides.values())
+    return timing
+
+
+def block_result(flops_per_step: float, timing: dict, steps: int, batch_size: int, rates: float | dict,
+                 used: str) -> dict:
+    """Throughput of one side of :func:`alternating_blocks` (all its blocks together) and its images/s per round,
+    against the matmul rate of precision ``used``."""
+    rate, dtype = rate_for(rates, used)
+    timed = steps * len(timing['walls'])
+    result = throughput(flops_per_step, sum(timing['walls']), timing['cpu'], timed, batch_size, rate)
+    result.update(round_images_per_s=[steps * batch_size / wall for wall in timing['walls']], ceiling_dtype=dtype,
+                  ceiling_flops_per_s=rate)
+    return result
+
+
+def _worker_cpu(side) -> float:
+    method = getattr(side, 'worker_cpu_seconds', None)
+    return float(method()) if method else 0.0
+
+
+def measure_task(task_name: str, images: np.ndarray, matmul_flops_per_s: float | dict, device: str = 'cpu',
+                 batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 2, rounds: int = 2, profile: int = 1,
+                 seed: int = 0, amp: str = 'auto', variants=PRECISION_VARIANTS,
+                 peers: dict | None = None, peer_profile: int | None = None) -> tuple[dict, dict, dict]:
+    """Our training step for one task (precision ``amp``), the same step in each precision variant (``(name,
+    amp)`` pairs, default fp32 = ``amp='none'`` and bf16) and peers built from it, measured side by side: after
+    the warm-up, :func:`alternating_blocks` of ``steps`` steps (ours, the variants, the peers, in that order).
+
+    ``peers`` maps a name to a factory ``f(ours: OurTraining) -> side``; a side has ``step()``, ``close()``,
+    ``result(flops_per_step, timing, steps, warmup, rates, profiled) -> dict`` and may have ``start()`` (start its
+    loader workers) and ``worker_cpu_seconds()`` (their CPU seconds so far). Every peer is started before any
+    side takes a step: forking loader workers makes the parent's pages copy-on-write, and the first writes after
+    a fork are slow, so they belong in the warm-up (a peer started after ours' warm-up made ours' first timed step
+    several times slower). A peer that cannot be built or fails its first step is left out, with its error.
+
+    ``profile`` steps of ours and ``peer_profile`` (default: ``profile``) of each peer are profiled after the
+    blocks. FLOPs are counted on the first warm-up step of ours and of each peer; the variants run the same step, so
+    they share ours. Returns ``(ours, peers, errors)``: ``ours`` is :func:`our_result` plus ``round_images_per_s``
+    and, per variant, ``<name>_images_per_s``, ``precision_variants[<name>]``; with an fp32 variant
+    ``speedup_vs_fp32`` (ours / fp32) and ``<name>_speedup_vs_fp32``; with a bf16 variant
+    ``fraction_of_ceiling_bf16_step`` (the bf16 step against the bf16 matmul rate)."""
     warmup = max(1, warmup)
-    training = OurTraining(task_name, images, device, batch_size, seed, amp)
+    ours = OurTraining(task_name, images, device, batch_size, seed, amp)
+    variant_runs: dict[str, OurTraining] = {}
+    peer_runs: dict = {}
+    errors: dict[str, str] = {}
     try:
-        flops_per_step, _ = count_flops(training.step)
-        wall, cpu = timed_steps(training.step, warmup - 1, steps, device)
-        profiled = profile_steps(training.step, profile, device) if profile else None
-        augment_s = training.augmentation_seconds()
+        for name, requested in variants:
+            variant_runs[name] = OurTraining(task_name, images, device, batch_size, seed, requested)
+        for name, factory in (peers or {}).items():
+            started = time.perf_counter()
+            try:
+                side = factory(ours)
+                side.build_seconds = time.perf_counter() - started
+                peer_runs[name] = side
+                if hasattr(side, 'start'):
+                    side.start()
+            except Exception as exc:  # a peer that cannot run must not hide our numbers
+                errors[name] = f'{type(exc).__name__}: {exc}'
+                side = peer_runs.pop(name, None)
+                if side is not None:
+                    side.close()
+        # every loader worker is forked by now: pages the sides write are copied (copy-on-write) in the warm-up,
+        # not in a timed step
+        ours_flops, _ = count_flops(ours.step)
+        peer_flops = {}
+        for name, side in list(peer_runs.items()):
+            try:
+                peer_flops[name], _ = count_flops(side.step)
+            except Exception as exc:
+                errors[name] = f'{type(exc).__name__}: {exc}'
+                peer_runs.pop(name).close()
+        for _ in range(warmup - 1):
+            ours.step()
+            for side in peer_runs.values():
+                side.step()
+        for side in variant_runs.values():
+            for _ in range(warmup):
+                side.step()
+        sides = {'ours': ours, **{f'variant:{n}': v for n, v in variant_runs.items()},
+                 **{f'peer:{n}': p for n, p in peer_runs.items()}}
+        workers_before = {name: _worker_cpu(side) for name, side in peer_runs.items()}
+        timing = alternating_blocks(sides, steps, rounds, device)
+        for name, side in peer_runs.items():  # the workers prefetch during every side's blocks
+            timing[f'peer:{name}']['worker_cpu'] = _worker_cpu(side) - workers_before[name]
+        ours_profile = profile_steps(ours.step, profile, device) if profile else None
+        peer_profile = profile if peer_profile is None else peer_profile
+        peer_profiles = {}
+        for name, side in peer_runs.items():
+            wait_for_idle_workers(peer_runs.values())
+            peer_profiles[name] = profile_steps(side.step, peer_profile, device) if peer_profile else None
+        augment_s = ours.augmentation_seconds()
+        timed = steps * max(1, rounds)
+        result = our_result(ours, ours_flops, sum(timing['ours']['walls']), timing['ours']['cpu'], timed, warmup,
+                            matmul_flops_per_s, ours_profile, augment_s)
+        result['round_images_per_s'] = [steps * ours.batch_size / w for w in timing['ours']['walls']]
+        result['timing'] = {'warmup_steps': warmup, 'steps_per_block': steps, 'rounds': max(1, rounds),
+                            'order': list(sides)}
+        result['precision_variants'] = {}
+        for name, run in variant_runs.items():
+            entry = block_result(ours_flops, timing[f'variant:{name}'], steps, ours.batch_size, matmul_flops_per_s,
+                                 run.precision.used)
+            entry.update(precision_fields(run.precision))
+            result['precision_variants'][name] = entry
+            result[f'{name}_images_per_s'] = entry['images_per_s']
+        fp32 = result.get('fp32_images_per_s')
+        if fp32:
+            result['speedup_vs_fp32'] = result['images_per_s'] / fp32
+            for name in variant_runs:
+                if name != 'fp32':
+                    result[f'{name}_speedup_vs_fp32'] = result[f'{name}_images_per_s'] / fp32
+        if 'bf16' in variant_runs:
+            result['fraction_of_ceiling_bf16_step'] = result['precision_variants']['bf16']['fraction_of_ceiling']
+        peer_results = {name: side.result(peer_flops[name], timing[f'peer:{name}'], steps, warmup,
+                                          matmul_flops_per_s, peer_profiles[name])
+                        for name, side in peer_runs.items()}
     finally:
-        training.close()
-    return our_result(training, flops_per_step, wall, cpu, steps, warmup, matmul_flops_per_s, profiled, augment_s)
+        for run in [ours, *variant_runs.values()]:
+            run.close()
+        for side in peer_runs.values():
+            side.close()
+    return result, peer_results, errors
+
+
+def measure_pretext(task_name: str, images: np.ndarray, matmul_flops_per_s: float | dict, device: str = 'cpu',
+                    batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 8, profile: int = 1,
+                    seed: int = 0, amp: str = 'auto', variants=(), rounds: int = 1) -> dict:
+    """Images/s of our training step for one task, FLOPs per image actually processed, fraction of the ceiling
+    and (``profile`` > 0 steps) a profile; with ``variants`` (e.g. :data:`PRECISION_VARIANTS`) also the same step
+    in those precisions, in alternating blocks (:func:`measure_task`). The first warm-up step is the one whose
+    FLOPs are counted."""
+    result, _, _ = measure_task(task_name, images, matmul_flops_per_s, device, batch_size, warmup, steps, rounds,
+                                profile, seed, amp, variants)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------

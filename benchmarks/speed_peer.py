@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from .speed import count_flops, profile_steps, timed_steps
+from .speed import add_profile, block_result, measure_task, rate_for
 
 MOCO_CONFIG = 'mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'
 SWAV_CONFIG = 'swav/swav_resnet50_8xb32-mcrop-coslr-200e_in1k-224px-96px.py'
@@ -172,6 +172,11 @@ class PeerTraining:
                                  persistent_workers=self.num_workers > 0)
         self._iterator = None
 
+    def start(self) -> None:
+        """Start the loader workers (fork them) now, before any side's warm-up."""
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+
     def _next(self):
         while True:
             if self._iterator is None:
@@ -190,9 +195,48 @@ class PeerTraining:
         workers = getattr(self._iterator, '_workers', None) or []
         return sum(process_cpu_seconds(worker.pid) for worker in workers)
 
+    def result(self, flops_per_step: float, timing: dict, steps: int, warmup: int, rates, profiled) -> dict:
+        """This side's numbers from its blocks of :func:`benchmarks.speed.alternating_blocks` (fp32: the configs
+        train without autocast)."""
+        return peer_side_result(self, flops_per_step, timing, steps, warmup, rates, profiled, used='fp32', extra={
+            'collate': 'mmengine default_collate (as the config)',
+            'collate_note': self.collate_note,
+            'pipeline_changes': self.changes,
+            'pipeline': [t['type'] for t in self.pipeline],
+        })
+
     def close(self) -> None:
         self._iterator = None
         self.loader = None
+
+
+def peer_side_result(side, flops_per_step: float, timing: dict, steps: int, warmup: int, rates, profiled,
+                     used: str, extra: dict) -> dict:
+    """A peer's result: throughput against the matmul rate of precision ``used``, its per-round images/s, its
+    data pipeline's CPU cost per image (measured in this process) and its loader workers' CPU seconds."""
+    timed = steps * len(timing['walls'])
+    result = block_result(flops_per_step, timing, steps, side.batch_size, rates, used)
+    pipeline_s = pipeline_seconds_per_image(side.dataset)
+    result.update({
+        'precision': used,
+        'warmup_steps': warmup,
+        'build_seconds': getattr(side, 'build_seconds', None),
+        'num_workers': side.num_workers,
+        'num_images': len(side.dataset),
+        **extra,
+        'pipeline_cpu_seconds_per_image': pipeline_s,
+        'pipeline_cpu_seconds_per_batch': pipeline_s * side.batch_size,
+        'pipeline_share_of_step': pipeline_s * side.batch_size / (sum(timing['walls']) / timed),
+        'worker_cpu_seconds_per_step': timing.get('worker_cpu', 0.0) / timed,
+        'refill_wait_seconds_per_step': timing.get('refill_wait_seconds', 0.0) / timed,
+        'cpu_seconds_note': ('cpu_seconds_per_step: main process; worker_cpu_seconds_per_step: the loader workers '
+                             '(all their CPU time while the blocks ran, the waits between blocks included, per step '
+                             'of this side). The workers finish prefetching between blocks (refill_wait_seconds_per_'
+                             'step: the untimed wait after this side\'s blocks), so part of their work is in the CPU '
+                             'ratio but not in images/s'),
+    })
+    add_profile(result, profiled, flops_per_step, rate_for(rates, used)[0])
+    return result
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -214,66 +258,25 @@ def pipeline_seconds_per_image(dataset, count: int = 32) -> float:
     return (time.process_time() - started) / max(1, count)
 
 
-def compare_with_peer(kind: str, images: np.ndarray, png_dir: str, matmul_flops_per_s: float, device: str = 'cpu',
+def compare_with_peer(kind: str, images: np.ndarray, png_dir: str, matmul_flops_per_s, device: str = 'cpu',
                       batch_size: int = 64, warmup: int = 2, steps: int = 4, rounds: int = 2, profile: int = 1,
-                      seed: int = 0) -> tuple[dict, dict]:
+                      seed: int = 0, variants=()) -> tuple[dict, dict]:
     """Our task and mmpretrain's own pipeline for ``kind`` ('moco' / 'swav'), measured side by side: after the
     warm-up, ``rounds`` alternating blocks of ``steps`` steps each (ours, then the peer's), so slow changes in the
-    machine's load hit both alike. Returns (ours, peer) result dicts."""
-    from .speed import OurTraining, add_profile, our_result, throughput
+    machine's load hit both alike (:func:`benchmarks.speed.measure_task`). Returns (ours, peer) result dicts."""
+    ours, peers, errors = measure_task(kind, images, matmul_flops_per_s, device, batch_size, warmup, steps, rounds,
+                                       profile, seed, variants=variants,
+                                       peers={'peer': peer_factory(kind, png_dir, batch_size, device, seed)})
+    if errors:
+        raise RuntimeError(errors['peer'])
+    return ours, peers['peer']
 
-    warmup = max(1, warmup)
-    ours = OurTraining(kind, images, device, batch_size, seed)
-    started = time.perf_counter()
-    peer = PeerTraining(kind, ours.task, png_dir, batch_size, device, seed, lr=float(ours.cfg['lr']))
-    peer_build = time.perf_counter() - started
-    try:
-        ours_flops, _ = count_flops(ours.step)
-        peer_flops, _ = count_flops(peer.step)  # also starts the peer's loader workers
-        for _ in range(warmup - 1):
-            ours.step()
-            peer.step()
-        walls = {'ours': [], 'peer': []}
-        cpus = {'ours': 0.0, 'peer': 0.0}
-        worker_cpu = 0.0
-        for _ in range(rounds):
-            for name, side in (('ours', ours), ('peer', peer)):
-                workers_before = peer.worker_cpu_seconds()
-                wall, cpu = timed_steps(side.step, 0, steps, device)
-                walls[name].append(wall)
-                cpus[name] += cpu
-                worker_cpu += peer.worker_cpu_seconds() - workers_before  # the workers prefetch during both
-        ours_profile = profile_steps(ours.step, profile, device) if profile else None
-        peer_profile = profile_steps(peer.step, profile, device) if profile else None
-        augment_s = ours.augmentation_seconds()
-        pipeline_s = pipeline_seconds_per_image(peer.dataset)
-    finally:
-        ours.close()
-        peer.close()
-    timed = steps * rounds
-    ours_result = our_result(ours, ours_flops, sum(walls['ours']), cpus['ours'], timed, warmup, matmul_flops_per_s,
-                             ours_profile, augment_s)
-    ours_result['round_images_per_s'] = [steps * batch_size / w for w in walls['ours']]
-    peer_result = throughput(peer_flops, sum(walls['peer']), cpus['peer'], timed, batch_size, matmul_flops_per_s)
-    peer_result.update({
-        'round_images_per_s': [steps * batch_size / w for w in walls['peer']],
-        'warmup_steps': warmup,
-        'build_seconds': peer_build,
-        'num_workers': peer.num_workers,
-        'num_images': len(peer.dataset),
-        'collate': 'mmengine default_collate (as the config)',
-        'collate_note': peer.collate_note,
-        'pipeline_changes': peer.changes,
-        'pipeline': [t['type'] for t in peer.pipeline],
-        'pipeline_cpu_seconds_per_image': pipeline_s,
-        'pipeline_cpu_seconds_per_batch': pipeline_s * batch_size,
-        'pipeline_share_of_step': pipeline_s * batch_size / (sum(walls['peer']) / timed),
-        'worker_cpu_seconds_per_step': worker_cpu / timed,
-        'cpu_seconds_note': ('cpu_seconds_per_step: main process; worker_cpu_seconds_per_step: the loader workers '
-                             '(all their CPU time during the timed blocks of both sides, per peer step)'),
-    })
-    add_profile(peer_result, peer_profile, peer_flops, matmul_flops_per_s)
-    return ours_result, peer_result
+
+def peer_factory(kind: str, png_dir: str, batch_size: int, device: str = 'cpu', seed: int = 0):
+    """A :func:`benchmarks.speed.measure_task` peer factory: mmpretrain's pipeline sized from our task."""
+    def build(ours):
+        return PeerTraining(kind, ours.task, png_dir, batch_size, device, seed, lr=float(ours.cfg['lr']))
+    return build
 
 
 def peer_png_folder(images: np.ndarray) -> str:
