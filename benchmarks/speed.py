@@ -36,6 +36,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from curriculum.precision import cpu_model
+
 IMAGE_SIZE = 64
 BATCH_SIZE = 64
 #: conv / matrix-product kernels: the operations FlopCounterMode counts (forward and backward)
@@ -64,7 +66,7 @@ def machine_info(device: str = 'cpu') -> dict:
     """Platform, CPU count, torch threads (and the GPU name on CUDA)."""
     info = {
         'platform': platform.platform(),
-        'processor': _cpu_model() or platform.processor(),
+        'processor': cpu_model(),
         'python': platform.python_version(),
         'torch': torch.__version__,
         'cpu_count': os.cpu_count(),
@@ -76,17 +78,6 @@ def machine_info(device: str = 'cpu') -> dict:
     if device == 'cuda' and torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(0)
     return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open('/proc/cpuinfo') as handle:
-            for line in handle:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def entry_meta(command: str, device: str, quick: bool) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .speed_peer import peer_side_result, process_cpu_seconds
+from .speed_peer import LoaderCycle, peer_side_result, process_cpu_seconds
 
 
 class UInt8Images(torch.utils.data.Dataset):
@@ -128,7 +128,7 @@ def lightly_transform(kind: str, task):
     return SwaVTransform(**settings), {'transform': 'lightly.transforms.SwaVTransform', **settings}
 
 
-class LightlyTraining:
+class LightlyTraining(LoaderCycle):
     """A lightly user's MoCo v2 / SwAV training loop for one algorithm, stepped by hand; sized from our
     :class:`benchmarks.speed.OurTraining` ``ours`` (its task, recipe and resolved precision)."""
 
@@ -184,20 +184,6 @@ class LightlyTraining:
         self.scaler = torch.amp.GradScaler('cuda') if self.autocast_dtype is torch.float16 else None
         self._iterator = None
         self.iteration = 0
-
-    def start(self) -> None:
-        """Start the loader workers (fork them) now, before any side's warm-up."""
-        if self._iterator is None:
-            self._iterator = iter(self.loader)
-
-    def _next(self):
-        while True:
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                self._iterator = None
 
     def _autocast(self):
         return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype or torch.float32,

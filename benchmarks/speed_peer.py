@@ -141,7 +141,28 @@ def collate_check(dataset) -> str:
         return f'pseudo_collate fails in SelfSupDataPreprocessor: {type(exc).__name__}: {str(exc)[:120]}'
 
 
-class PeerTraining:
+class LoaderCycle:
+    """An endless pass over ``self.loader`` (a torch DataLoader whose workers start on the first batch)."""
+
+    loader = None
+    _iterator = None
+
+    def start(self) -> None:
+        """Start the loader workers (fork them) now, before any side's warm-up."""
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+
+    def _next(self):
+        while True:
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+
+
+class PeerTraining(LoaderCycle):
     """mmpretrain's pipeline + model for one algorithm, stepped by hand (``model.train_step``)."""
 
     def __init__(self, kind: str, task, png_dir: str, batch_size: int, device: str = 'cpu', seed: int = 0,
@@ -171,20 +192,6 @@ class PeerTraining:
                                  num_workers=self.num_workers, collate_fn=default_collate, drop_last=True,
                                  persistent_workers=self.num_workers > 0)
         self._iterator = None
-
-    def start(self) -> None:
-        """Start the loader workers (fork them) now, before any side's warm-up."""
-        if self._iterator is None:
-            self._iterator = iter(self.loader)
-
-    def _next(self):
-        while True:
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                self._iterator = None
 
     def step(self) -> dict:
         log = self.model.train_step(self._next(), self.optim_wrapper)
