@@ -7,9 +7,10 @@ is part of every stage key.
 * CUDA: ``auto`` and ``bf16`` use bf16 where the GPU supports it, ``fp16`` uses fp16 (with loss scaling).
 * CPU: ``bf16`` is used when oneDNN reports bf16 support; ``fp16`` is not offered on the CPU (no loss scaler in
   the CPU path) and falls back to fp32. ``auto`` uses bf16 only where it is *measured* faster: a CPU that has the
-  bf16 instructions is not necessarily faster with them. Measured on two machines of this project: an AMD EPYC
-  with AVX-512 BF16, ResNet-18 64 px training step fp32 181 images/s vs bf16 + channels_last 472; an Intel Xeon
-  with AVX-512 BF16 but no AMX, 2048² matmul fp32 249 GFLOP/s vs bf16 145, ResNet-18 step fp32 146 vs bf16 121.
+  bf16 instructions is not necessarily faster with them: issue 18 reports, for an AMD EPYC with AVX-512 BF16, a
+  ResNet-18 64 px training step of fp32 181 images/s vs bf16 + channels_last 472; measured here on an Intel Xeon
+  with AVX-512 BF16 but no AMX (2026-12-02): 2048² matmul fp32 249 GFLOP/s vs bf16 145, ResNet-18 step fp32 146
+  vs bf16 121 images/s.
   The measurement (:func:`calibrate_cpu`, a few seconds of conv training steps) runs once per CPU model, torch
   version and thread count and is remembered in the cache folder, so the choice (and thus the stage keys) stays
   stable on one machine. Any fallback is one logged line, never an error.
