@@ -233,7 +233,7 @@ class LightlyTraining(LoaderCycle):
             'lightly_version': lightly_version(),
             'autocast': None if self.autocast_dtype is None else str(self.autocast_dtype).replace('torch.', ''),
             'channels_last_model': self.channels_last,
-            'precision_rule': f'our resolved precision ({used}: {self.precision.reason})',
+            'precision_rule': f'{used}, as ours ({self.precision.reason})',
             'backbone': 'torchvision resnet18 without fc',
             'loss': 'lightly.loss.NTXentLoss (memory bank)' if self.kind == 'moco' else 'lightly.loss.SwaVLoss',
             'sizes': self.sizes,
