@@ -533,8 +533,9 @@ def render_markdown(out: dict) -> str:
                   'MoCoProjectionHead + NTXentLoss(memory_bank_size) + update_momentum / SwaVProjectionHead + '
                   'SwaVPrototypes + SwaVLoss, MoCoV2Transform / SwaVTransform on PIL images of the same uint8 images '
                   f'(crops, areas, view counts, jitter strength, blur sigma sized like ours), torch DataLoader with '
-                  f'{first.get("num_workers")} workers; SGD with our lr; autocast in bf16 only when our resolved '
-                  f'precision is bf16 ({first.get("precision_rule")}), channels_last likewise.', '', LOADER_NOTE, '']
+                  f'{first.get("num_workers")} workers; SGD with our lr; autocast in bf16 (and channels_last) only '
+                  f'when our resolved precision is bf16; here {first.get("precision_rule")}.', '',
+                  'Loader workers: as for mmpretrain above.' if out['peer'] else LOADER_NOTE, '']
     downstream = out.get('downstream') or {}
     protocols = [p for p in DOWNSTREAM_PROTOCOLS if p in downstream]
     if protocols:
