@@ -31,6 +31,17 @@ def add_run_arguments(parser) -> None:
                         help='override config keys, mmengine style (dotted keys, YAML values)')
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; a ValueError naming the flag for anything else."""
+    try:
+        seeds = [int(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        raise ValueError(f'--seeds must be comma-separated integers, got {text!r}') from None
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise ValueError(f'--seeds must be non-negative integers, got {text!r}')
+    return seeds
+
+
 def config_overrides(args) -> dict:
     """Dotted config overrides from the shared flags and ``--cfg-options`` (flags win)."""
     import yaml

@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides  # noqa: E402  (light imports only)
+from curriculum.cli import add_run_arguments, config_overrides, parse_seeds  # noqa: E402  (light imports only)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,16 +29,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_run_arguments(parser)
     parser.set_defaults(work_root=os.path.join('work_dirs', 'budget'))
     return parser.parse_args(argv)
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(',') if part.strip()]
-    except ValueError:
-        raise ValueError(f'--seeds must be comma-separated integers, got {text!r}') from None
-    if not seeds or any(seed < 0 for seed in seeds):
-        raise ValueError(f'--seeds must be non-negative integers, got {text!r}')
-    return seeds
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Check the LR search: full stages at the ends and middle of each task's LR range beside the searched LR.
+
+    python tools/lr_check.py --tasks moco,odc --dataset ham10000 --data-root ../shared/data/ham10000 \
+        --image-size 32 --epochs 20 --seeds 0,1 [--lr-trials 3] [--out DIR]
+
+For every task and seed: one stage at the low end, the geometric middle and the high end of the task's
+``lr_range`` (no search), and one stage whose LR the search chose (``--lr-trials``, default the config's), each from
+the seed's random initialisation, evaluated with the downstream kNN protocol. Writes ``lr_check.json`` and
+``lr_check.md`` to ``--out`` (default ``docs/lr_check/<dataset>-<size>px``): whether the searched LR reaches the best
+fixed LR within its seed spread, the search's trial spread against its noise, and from which epoch the fixed LRs'
+monitor curves separate (how long a trial must be). Stages are cached under ``--work-root`` (default
+``work_dirs/lr_check``): an interrupted check resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from curriculum.cli import add_run_arguments, config_overrides, parse_seeds  # noqa: E402  (light imports only)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--tasks', default='moco,odc', help='comma-separated pretext tasks')
+    parser.add_argument('--seeds', default='0,1', help='comma-separated seeds (two or more give a seed spread)')
+    parser.add_argument('--out', default=None, help='output folder (default docs/lr_check/<dataset>-<size>px)')
+    parser.add_argument('--fixed-only', action='store_true',
+                        help='only the fixed-LR stages (their curves show how long a trial must be); no verdict')
+    add_run_arguments(parser)
+    parser.set_defaults(work_root=os.path.join('work_dirs', 'lr_check'))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == 'cpu':
+        os.environ['CUDA_VISIBLE_DEVICES'] = ''
+    from curriculum.cli import fail
+    from curriculum.errors import USER_ERRORS, PlanError
+    from curriculum.plan import build_plan, load_config
+
+    try:
+        if args.epochs is None:
+            raise PlanError('--epochs is required: the length of every stage of the check')
+        seeds = parse_seeds(args.seeds)
+        tasks = [task.strip() for task in args.tasks.split(',') if task.strip()]
+        if not tasks or 'none' in tasks:
+            raise PlanError('--tasks needs at least one pretext task (and not "none")')
+        options = config_overrides(args)
+        options.update({'evaluation.protocols': ['knn'], 'monitor.knn': True})
+        base = load_config(args.config, options)
+        trials = int(base['lr_search'].get('trials', 0))
+        if trials < 2 and not args.fixed_only:
+            raise PlanError(f'the check needs an LR search of at least 2 trials, got lr_search.trials={trials}')
+        from curriculum import lr_check
+
+        # every fixed-LR stage first (their monitor curves say how long a trial must be), then the searched ones
+        plans = {}
+        for task in tasks:
+            recipe = build_plan(task, base).stages[0].cfg
+            for label, lr in lr_check.fixed_lrs(recipe['lr_range']).items():
+                for seed in seeds:
+                    plans[task, label, seed] = build_plan(task, load_config(args.config, {
+                        **options, 'seed': seed, 'lr_search.trials': 0, f'tasks.{task}.lr': lr}))
+        for task in tasks if not args.fixed_only else []:
+            for seed in seeds:
+                plans[task, lr_check.SEARCHED, seed] = build_plan(task, load_config(args.config,
+                                                                                    {**options, 'seed': seed}))
+    except (ValueError, *USER_ERRORS) as exc:
+        return fail(exc)
+    import torch
+
+    from curriculum import budget
+    from curriculum.precision import cpu_model
+    from curriculum.results import default_results_url
+    from curriculum.run import run_curriculum
+
+    out_dir = args.out or os.path.join('docs', 'lr_check', f'{base["dataset"]}-{base["image_size"]}px')
+    results_url = args.results or default_results_url(args.work_root)
+    runs: dict = {}
+    precision = None
+    try:
+        for (task, label, seed), plan in plans.items():
+            work_dir = os.path.join(args.work_root, 'runs', f'{task}-{label}-seed{seed}-amp_{plan.config.get("amp")}')
+            result = run_curriculum(plan, work_dir, args.work_root, results_url, optuna_storage=args.optuna_storage)
+            record = lr_check.run_record(result)
+            runs.setdefault(task, {}).setdefault(label, {})[seed] = record
+            precision = result['precision']['used']
+            print(f'{task} {label} lr {record["lr"]:.3g} seed {seed}: downstream kNN {record["downstream_knn"]:.3f}',
+                  flush=True)
+    except USER_ERRORS as exc:
+        return fail(exc)
+    report = {
+        'command': 'python tools/lr_check.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        'date': budget.now_iso(),
+        'machine': f'{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
+                   f'{torch.get_num_threads()} threads',
+        'precision': precision,
+        'settings': {'dataset': base['dataset'], 'data_root': base.get('data_root'), 'image_size': base['image_size'],
+                     'epochs': int(args.epochs), 'seeds': seeds, 'tasks': tasks, 'lr_search': base['lr_search']},
+        'runs': {task: {label: {str(seed): record for seed, record in by_seed.items()}
+                        for label, by_seed in by_label.items()} for task, by_label in runs.items()},
+        'summary': lr_check.summarise(runs),
+    }
+    for path in lr_check.write_report(out_dir, report):
+        print(f'written: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
