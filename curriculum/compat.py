@@ -15,6 +15,7 @@ import pickle
 import torch
 from mmengine.runner import CheckpointLoader, Runner
 
+from . import faults
 from .errors import CheckpointError
 
 SIDECAR_SUFFIX = '.sha256'
@@ -28,12 +29,32 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def temporary_name(path: str) -> str:
+    """A temporary name beside ``path``, unique to this process (concurrent writers never share one)."""
+    return f'{path}.{os.getpid()}.tmp'
+
+
+def _write_sidecar(path: str, digest: str) -> None:
+    path = os.fspath(path)
+    tmp = temporary_name(path + SIDECAR_SUFFIX)
+    with open(tmp, 'w') as handle:
+        handle.write(digest)
+    os.replace(tmp, path + SIDECAR_SUFFIX)
+
+
 def mark_trusted(path: str) -> None:
     """Record that the engine wrote ``path`` (sidecar with its hash, written atomically)."""
-    tmp = f'{path}{SIDECAR_SUFFIX}.tmp'
-    with open(tmp, 'w') as handle:
-        handle.write(file_sha256(path))
-    os.replace(tmp, path + SIDECAR_SUFFIX)
+    _write_sidecar(path, file_sha256(path))
+
+
+def publish_trusted(tmp: str, path: str, fault_name: str) -> None:
+    """Publish the complete temporary file ``tmp`` as ``path``: its hash sidecar first, then the rename. A kill at
+    any moment leaves either the previous ``path`` or the new one with its sidecar (a sidecar without its file, or
+    with another file's hash, only makes a file untrusted; stage directories are tidied when a stage starts)."""
+    faults.point(fault_name)
+    _write_sidecar(path, file_sha256(tmp))
+    faults.point(fault_name)
+    os.replace(tmp, path)
 
 
 def is_trusted(path: str) -> bool:
@@ -45,12 +66,11 @@ def is_trusted(path: str) -> bool:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file, then rename, then mark trusted: a kill never leaves a half file."""
+    """``torch.save`` to a temporary file, then its sidecar, then the rename: a kill never leaves a half file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp'
+    tmp = temporary_name(path)
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-    mark_trusted(path)
+    publish_trusted(tmp, path, 'file_write')
 
 
 def load_checkpoint_file(filename: str, map_location=None):
@@ -100,9 +120,7 @@ class EngineRunner(Runner):
             return
         partial = filename + '.partial'
         super().save_checkpoint(out_dir, partial, *args, **kwargs)
-        final = os.path.join(out_dir, filename)
-        os.replace(os.path.join(out_dir, partial), final)
-        mark_trusted(final)
+        publish_trusted(os.path.join(out_dir, partial), os.path.join(out_dir, filename), 'checkpoint_write')
 
 
 HEAD_PREFIXES = ('fc.', 'head.', 'classifier.')

@@ -66,11 +66,17 @@ def apply_dotted(config: dict, options: dict[str, Any]) -> dict:
 
 
 def load_config(path: str | None = None, options: dict[str, Any] | None = None) -> dict:
-    """The default config, merged with a user config file (which may hold only some keys) and overrides."""
+    """The default config, merged with a user config file (which may hold only some keys) and overrides. A key
+    the schema does not know (a typo) is a PlanError naming it and the closest known key
+    (:mod:`curriculum.config_schema`)."""
+    from .config_schema import check_config_keys
+
     config = read_yaml(DEFAULT_CONFIG)
     if path and os.path.abspath(path) != os.path.abspath(DEFAULT_CONFIG):
         config = deep_merge(config, read_yaml(path))
-    return apply_dotted(config, options or {})
+    config = apply_dotted(config, options or {})
+    check_config_keys(config, CONFIG_DIR)
+    return config
 
 
 def task_recipe(task: str) -> dict:

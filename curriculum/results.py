@@ -1,10 +1,15 @@
 """The results store: one record per finished run, in SQLite by default or any SQLAlchemy URL.
 
 Each record keeps the identifying fields as columns (for queries and the leaderboard) and the whole
-``result.json`` as text, so nothing a run reported is lost.
+``result.json`` as text, so nothing a run reported is lost. The store decides what "one run" is: a unique
+``run_key`` (a hash of :func:`run_identity`: ordering, init file, seed and the whole config) lets a second copy of
+the same run (two identical runs started together, or a rerun after a kill that struck between the commit and the
+end of the process) find the record that is already there instead of adding another. Stores created before this
+column existed get it (and its unique index) the first time they are opened.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -12,6 +17,7 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
+from . import faults
 from .errors import EngineError
 
 _METADATA = sa.MetaData()
@@ -25,7 +31,9 @@ RUNS = sa.Table(
     sa.Column('seed', sa.Integer, nullable=False),
     sa.Column('label_fraction', sa.Float, nullable=False),
     sa.Column('result_json', sa.Text, nullable=False),
+    sa.Column('run_key', sa.String(64), nullable=True),    # NULL only for duplicates kept from older stores
 )
+RUN_KEY_INDEX = sa.Index('ix_runs_run_key', RUNS.c.run_key, unique=True)
 
 
 def default_results_url(work_root: str) -> str:
@@ -39,6 +47,7 @@ def _engine(url: str, attempts: int = 5) -> sa.Engine:
         try:
             engine = sa.create_engine(url)
             _METADATA.create_all(engine)
+            _add_run_key(engine)
             return engine
         except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError) as exc:
             if attempt == attempts - 1:
@@ -49,23 +58,71 @@ def _engine(url: str, attempts: int = 5) -> sa.Engine:
     raise AssertionError('unreachable')
 
 
+def _add_run_key(engine: sa.Engine) -> None:
+    """Give a store made before ``run_key`` existed its column and unique index, in one transaction. Earlier
+    records get their key, except repeats of a run already keyed (those stay, with no key)."""
+    if 'run_key' in {column['name'] for column in sa.inspect(engine).get_columns('runs')}:
+        return
+    with engine.begin() as connection:
+        connection.execute(sa.text('ALTER TABLE runs ADD COLUMN run_key VARCHAR(64)'))
+        seen = set()
+        for run_id, text in connection.execute(sa.select(RUNS.c.id, RUNS.c.result_json).order_by(RUNS.c.id)).all():
+            try:
+                key = run_key(json.loads(text))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key not in seen:
+                seen.add(key)
+                connection.execute(RUNS.update().where(RUNS.c.id == run_id).values(run_key=key))
+        RUN_KEY_INDEX.create(connection, checkfirst=True)
+
+
+def run_key(result: dict) -> str:
+    """The store's identity of a run: a hash of :func:`run_identity`."""
+    return hashlib.sha256(json.dumps(list(run_identity(result))).encode()).hexdigest()
+
+
 def prepare_store(url: str) -> None:
     """Create the store's table now (before several workers start)."""
     _engine(url).dispose()
 
 
 def record_run(url: str, result: dict) -> int:
-    """Insert one run; returns its id."""
-    engine = _engine(url)
+    """Store one run (unless the store holds it already); returns its id."""
+    return store_run(url, result)[0]
+
+
+def store_run(url: str, result: dict, attempts: int = 5) -> tuple[int, bool]:
+    """Insert one run; returns ``(id, True)``, or ``(id of the stored copy, False)`` when the store already holds
+    this run (same :func:`run_key`; the unique index decides between concurrent writers)."""
+    key = run_key(result)
     row = dict(created=result.get('created') or datetime.now(timezone.utc).isoformat(timespec='seconds'),
                ordering=','.join(result['order']) or 'none', dataset=result['dataset'],
                downstream=result.get('downstream_dataset', result['dataset']), seed=int(result['seed']),
                label_fraction=float(result.get('label_fraction', 1.0)),
-               result_json=json.dumps(result, default=float))
-    with engine.begin() as connection:
-        new_id = connection.execute(RUNS.insert().values(**row)).inserted_primary_key[0]
-    engine.dispose()
-    return int(new_id)
+               result_json=json.dumps(result, default=float), run_key=key)
+    engine = _engine(url)
+    try:
+        for attempt in range(attempts):
+            try:
+                with engine.begin() as connection:
+                    new_id = connection.execute(RUNS.insert().values(**row)).inserted_primary_key[0]
+                    faults.point('results_write')
+                return int(new_id), True
+            except sa.exc.IntegrityError:
+                with engine.connect() as connection:
+                    held = connection.execute(sa.select(RUNS.c.id).where(RUNS.c.run_key == key)).scalar()
+                if held is not None:
+                    return int(held), False
+                raise EngineError(f'results store {url!r} refused the record of this run') from None
+            except sa.exc.OperationalError as exc:  # e.g. SQLite "database is locked" under concurrent writers
+                if attempt == attempts - 1:
+                    raise EngineError(f'cannot write to results store {url!r}: {str(exc).splitlines()[0]}') \
+                        from None
+                time.sleep(0.2 * (attempt + 1))
+    finally:
+        engine.dispose()
+    raise AssertionError('unreachable')
 
 
 def load_runs(url: str) -> list[dict]:

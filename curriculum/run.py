@@ -10,7 +10,10 @@ import hashlib
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 
@@ -21,18 +24,22 @@ from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 from benchmarks.datasets import load_dataset
 from pretext_tasks.base import initial_backbone
 
+from . import preflight
 from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
 from .distributed import from_rank0
-from .errors import CheckpointError
-from .lr_search import default_storage, search_lr
+from .errors import CheckpointError, EngineError
+from .lr_search import default_storage, open_study_storage, search_lr
 from .monitor import KnnMonitor
 from .plan import RunPlan
 from .precision import apply_precision, resolve_precision
-from .results import record_run
+from .results import store_run
 from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
 
 RESULT_FILE = 'result.json'
+# An LR trial interrupted by a kill is run again under its own number (_requeue_interrupted_trials); Optuna then
+# warns that the intermediate scores the killed process reported are "already reported" (they are the same values).
+warnings.filterwarnings('ignore', message='The reported value is ignored because this')
 
 
 def resolve_device(requested: str) -> str:
@@ -77,12 +84,13 @@ def _load_downstream_data(config: dict, pretext):
     return load_dataset(name, root, image_size=int(config['image_size']), seed=int(config['seed']), **options)
 
 
-def _init_backbone_file(init_path: str, work_root: str) -> tuple[str, str]:
-    """Convert user weights (loaded weights-only) to an engine backbone file; returns (path, parent key)."""
+def _init_backbone_file(init_path: str, work_root: str, state: dict | None = None) -> tuple[str, str]:
+    """Convert user weights (loaded weights-only; ``state`` when already loaded) to an engine backbone file;
+    returns (path, parent key)."""
     digest = file_sha256(init_path)
     target = os.path.join(work_root, 'init', f'{digest[:16]}.pth')
     if not os.path.exists(target):
-        atomic_torch_save(load_user_weights(init_path), target)
+        atomic_torch_save(state if state is not None else load_user_weights(init_path), target)
     return target, f'init:{digest}'
 
 
@@ -123,15 +131,25 @@ def final_backbone(backbone_cfg: dict, backbone_file: str | None, seed: int) -> 
 
 def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: str, init_path: str | None = None,
                    optuna_storage: str | None = None, progress=None) -> dict:
-    """Execute ``plan``; write ``<work_dir>/result.json`` and one record in the results store; return the result."""
+    """Execute ``plan``; write ``<work_dir>/result.json`` and one record in the results store; return the result.
+
+    Everything the run needs is checked first (:mod:`curriculum.preflight`: folders, stores, ``--init``, the
+    downstream labels, batch sizes) and nothing is written before those checks pass; the work dir itself is made
+    only when the result is written."""
     started = time.time()
     config = plan.config
     device = resolve_device(config['device'])
     seed = int(config['seed'])
-    pretext = _load_pretext_data(config)
-    os.makedirs(work_dir, exist_ok=True)
-    os.makedirs(work_root, exist_ok=True)
     storage = optuna_storage or default_storage(work_root)
+    searching = bool(plan.stages) and int((config.get('lr_search') or {}).get('trials', 0)) > 0
+    preflight.check_outputs(work_dir, work_root, results_url, storage if searching or optuna_storage else None)
+    init_state = preflight.load_init_weights(init_path, dict(config['backbone']), seed) if init_path else None
+    pretext = _load_pretext_data(config)
+    downstream_data = _load_downstream_data(config, pretext)
+    evaluation = dict(config.get('evaluation') or {})
+    downstream_data.check_classes(float(evaluation.get('label_fraction', 1.0)), seed)
+    preflight.check_batch_sizes(plan, len(pretext.unlabeled('train')), get_world_size())
+    os.makedirs(work_root, exist_ok=True)
     inputs = StageInputs(
         train_images=pretext.unlabeled('train').images,
         val_images=pretext.unlabeled('val').images,
@@ -148,7 +166,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
 
     parent_file, parent_key = (None, None)
     if init_path:
-        parent_file, parent_key = _init_backbone_file(init_path, work_root)
+        parent_file, parent_key = _init_backbone_file(init_path, work_root, init_state)
     stages = []
     for index, stage in enumerate(plan.stages):
         stage_started = time.time()
@@ -166,10 +184,8 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
     if get_rank() != 0:
         return None  # DDP: the other ranks' share ends with the stages; rank 0 evaluates and records
 
-    downstream_data = _load_downstream_data(config, pretext)
     backbone = final_backbone(inputs.backbone_cfg, parent_file, seed)
     apply_precision(backbone, backbone, inputs.precision)
-    evaluation = dict(config.get('evaluation') or {})
     from benchmarks.protocols import evaluate
 
     if progress:
@@ -178,11 +194,6 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
                           label_fraction=float(evaluation.get('label_fraction', 1.0)), seed=seed, device=device,
                           epochs=evaluation.get('epochs'), batch_size=int(evaluation.get('batch_size', 64)))
     finetuned = (downstream.get('finetune') or {}).pop('model', None)
-    if finetuned is not None:
-        # kept for Grad-CAM / attention analysis of the run (loaded back only by this engine)
-        atomic_torch_save({'backbone': finetuned.backbone.state_dict(), 'head': finetuned.head.state_dict(),
-                           'backbone_cfg': inputs.backbone_cfg, 'classes': list(downstream_data.class_names)},
-                          os.path.join(work_dir, 'finetuned.pth'))
     for metrics in downstream.values():
         metrics.pop('model', None)
     result = {
@@ -209,11 +220,67 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         'results_url': _public_url(results_url),
         'versions': versions(),
     }
-    _write_result(work_dir, result)
-    _write_tensorboard(work_dir, result)
-    result['results_id'] = record_run(results_url, result)
-    _write_result(work_dir, result, backup=False)
+    with _work_dir_lock(work_dir):  # two runs in one work dir write, record and rewrite their results in turn
+        _remove_temporaries(work_dir)
+        if finetuned is not None:  # kept for Grad-CAM / attention analysis (loaded back only by this engine)
+            _save_finetuned(finetuned, inputs.backbone_cfg, list(downstream_data.class_names), work_dir)
+        path = _write_result(work_dir, result)
+        try:
+            result['results_id'], stored = store_run(results_url, result)
+        except EngineError as exc:
+            where = f'the result is in {path}' if path else 'the result could not be written either'
+            raise EngineError(f'{exc} ({where})') from None
+        if not stored:
+            _warn(f'note: the results store already holds this run (id {result["results_id"]}); not stored again')
+        if path:
+            _rewrite_result(path, result)
+    try:
+        _write_tensorboard(work_dir, result)
+    except OSError as exc:
+        _warn(f'cannot write TensorBoard scalars under {work_dir} ({exc.strerror or exc})')
+    if path:
+        result['result_file'] = path  # where it was written (not part of the file itself)
     return result
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _remove_temporaries(work_dir: str) -> None:
+    """Temporary files a killed run left in its work dir (the caller holds the work dir lock)."""
+    try:
+        for name in os.listdir(work_dir):
+            if name.endswith('.tmp'):
+                os.remove(os.path.join(work_dir, name))
+    except OSError:
+        pass  # an unwritable work dir: _write_result writes beside it
+
+
+def _save_finetuned(model, backbone_cfg: dict, classes: list[str], work_dir: str) -> None:
+    path = os.path.join(work_dir, 'finetuned.pth')
+    try:
+        atomic_torch_save({'backbone': model.backbone.state_dict(), 'head': model.head.state_dict(),
+                           'backbone_cfg': backbone_cfg, 'classes': classes}, path)
+    except OSError as exc:
+        _warn(f'warning: cannot write {path} ({exc.strerror or exc}); the fine-tuned model is not kept')
+
+
+@contextmanager
+def _work_dir_lock(work_dir: str):
+    """An exclusive lock on the work dir itself (flock on the folder, released by the OS if the process dies), when
+    the folder can be made; without one the result is still written (beside the work dir, see _write_result)."""
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        handle = os.open(work_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 @contextmanager
@@ -240,10 +307,14 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
             with open(record_path) as handle:
                 record = json.load(handle)
             record.update(cache_hit=True, seconds=time.time() - stage_started)
+            _drop_epoch_checkpoints(directory)  # left behind when a kill struck just after stage.json was written
         return from_rank0(record)
     else:
-        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
-                           os.path.join(directory, 'lr_search'), progress, monitor)
+        trials_dir = os.path.join(directory, 'lr_search')
+        if get_rank() == 0 and int(search_cfg.get('trials', 0)) > 0 and os.path.isdir(trials_dir):
+            _requeue_interrupted_trials(storage, f'lr/{stage.task}/{key}', trials_dir)
+        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage, trials_dir,
+                           progress, monitor)
         search_seconds = time.time() - stage_started
         if progress and search.get('searched'):
             progress('lr_search', 0, 0, search)
@@ -260,6 +331,24 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
     return from_rank0(record)
 
+
+
+def _requeue_interrupted_trials(storage: str, study_name: str, trials_dir: str) -> None:
+    """Put LR trials that a killed process left RUNNING back in the queue (state WAITING, same number, same learning
+    rate), so that the resumed search runs exactly the trials of an uninterrupted one, in the same order (ties
+    between equal scores are broken by that order). Only trials started from this stage folder count (their
+    ``trial_<n>`` folder is here, and the caller holds the stage lock: no live process runs them).
+    (curriculum.lr_search, left alone, fails them and draws new learning rates from its sampler instead.)"""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_study_storage(storage))
+    except KeyError:  # no study yet: nothing was interrupted
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if os.path.isdir(os.path.join(trials_dir, f'trial_{trial.number}')):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # noqa: SLF001 (storage API)
 
 
 def _public_url(url: str) -> str:
@@ -321,20 +410,57 @@ def _stage_summary(record: dict) -> dict:
     }
 
 
-def _write_result(work_dir: str, result: dict, backup: bool = True) -> None:
-    """Write result.json atomically; an earlier result is kept as ``result.<created>.json``, never overwritten."""
+def _write_result(work_dir: str, result: dict) -> str | None:
+    """Write result.json atomically; an earlier result is kept as ``result.<created>.json``, never overwritten.
+    Where the work dir cannot be written (it became read-only, the disk is full, ...) the result is written beside
+    it instead (:func:`_write_beside`) and a warning says where. Returns the path written (None: nowhere)."""
     path = os.path.join(work_dir, RESULT_FILE)
-    if backup and os.path.exists(path):
-        try:
-            with open(path) as handle:
-                previous = json.load(handle).get('created', 'previous')
-        except (OSError, ValueError):
-            previous = 'unreadable'
-        stamp = str(previous).replace(':', '').replace('+', '_')
-        target = os.path.join(work_dir, f'result.{stamp}.json')
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        if os.path.exists(path):
+            try:
+                with open(path) as handle:
+                    previous = json.load(handle).get('created', 'previous')
+            except (OSError, ValueError, AttributeError):
+                previous = 'unreadable'
+            stamp = str(previous).replace(':', '').replace('+', '_')
+            target = os.path.join(work_dir, f'result.{stamp}.json')
+            suffix = 1
+            while os.path.exists(target):
+                target = os.path.join(work_dir, f'result.{stamp}.{suffix}.json')
+                suffix += 1
+            os.replace(path, target)
+        write_json_atomic(path, result)
+        return path
+    except OSError as exc:
+        fallback = _write_beside(work_dir, result)
+        _warn(f'warning: cannot write {path} ({exc.strerror or exc}); '
+              + (f'the result is written to {fallback} instead' if fallback else 'nor anywhere beside it'))
+        return fallback
+
+
+def _write_beside(work_dir: str, result: dict) -> str | None:
+    """Write the result next to the work dir (``<work dir>.result.json``, numbered if taken), else in the system's
+    temporary folder; returns the path, or None when nothing could be written."""
+    work_dir = os.path.abspath(work_dir)
+    stem = os.path.basename(work_dir.rstrip(os.sep)) or 'run'
+    for folder in (os.path.dirname(work_dir), tempfile.gettempdir()):
+        candidate = os.path.join(folder, f'{stem}.{RESULT_FILE}')
         suffix = 1
-        while os.path.exists(target):
-            target = os.path.join(work_dir, f'result.{stamp}.{suffix}.json')
+        while os.path.exists(candidate):
+            candidate = os.path.join(folder, f'{stem}.result.{suffix}.json')
             suffix += 1
-        os.replace(path, target)
-    write_json_atomic(path, result)
+        try:
+            write_json_atomic(candidate, result)
+            return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _rewrite_result(path: str, result: dict) -> None:
+    """Replace the result written at ``path`` by this run with its final version (with the store id)."""
+    try:
+        write_json_atomic(path, result)
+    except OSError as exc:
+        _warn(f'warning: cannot update {path} with the results-store id ({exc.strerror or exc})')

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.dist import get_rank, get_world_size, is_distributed
+from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch.utils.data import DataLoader
@@ -26,7 +26,9 @@ from pretext_tasks.base import initial_backbone
 from pretext_tasks.data import IndexedImages, collate_batch
 from pretext_tasks.registry import build_task
 
-from .compat import EngineRunner, atomic_torch_save, install, load_checkpoint_file
+from . import faults
+from .compat import (SIDECAR_SUFFIX, EngineRunner, atomic_torch_save, install, is_trusted, load_checkpoint_file,
+                     temporary_name)
 from .errors import CheckpointError, PlanError
 from .precision import Precision, apply_precision, optim_wrapper_type, resolve_precision
 
@@ -42,10 +44,59 @@ def unwrap(model):
 
 
 def write_json_atomic(path: str, data) -> None:
-    tmp = f'{path}.tmp'
+    """Write JSON under a temporary name (unique to this process), then rename: readers never see half a file."""
+    tmp = temporary_name(path)
     with open(tmp, 'w') as handle:
         json.dump(data, handle, indent=2, default=float)
+    faults.point('json_write')
     os.replace(tmp, path)
+
+
+def tidy_stage_dir(stage_dir: str) -> None:
+    """Before a stage (re)starts in ``stage_dir``: remove what a killed process may have left half done, so that
+    nothing partial is ever read back. Temporary and ``.partial`` files go; an epoch checkpoint counts only with a
+    matching hash sidecar (sidecars whose checkpoint is gone, and checkpoints without a valid sidecar, are removed);
+    ``last_checkpoint`` is rewritten (atomically) to name the newest valid checkpoint, or removed when none is left
+    (mmengine writes it in place, so a kill can leave it empty)."""
+    if not os.path.isdir(stage_dir):
+        return
+    names = os.listdir(stage_dir)
+    for name in names:
+        path = os.path.join(stage_dir, name)
+        if name.endswith(('.tmp', '.partial')) and os.path.isfile(path):
+            os.remove(path)
+    valid = []
+    for name in os.listdir(stage_dir):
+        path = os.path.join(stage_dir, name)
+        if name.startswith('epoch_') and name.endswith('.pth'):
+            if is_trusted(path):
+                valid.append(os.path.abspath(path))
+            else:
+                os.remove(path)
+    for name in os.listdir(stage_dir):  # sidecars whose checkpoint is gone (or was just removed)
+        path = os.path.join(stage_dir, name)
+        if name.startswith('epoch_') and name.endswith('.pth' + SIDECAR_SUFFIX) and not os.path.exists(
+                path[:-len(SIDECAR_SUFFIX)]):
+            os.remove(path)
+    last = os.path.join(stage_dir, 'last_checkpoint')
+
+    def epoch_of(path: str) -> int:
+        stem = os.path.basename(path)[len('epoch_'):-len('.pth')]
+        return int(stem) if stem.isdigit() else -1
+
+    if valid:
+        newest = max(valid, key=epoch_of)
+        current = None
+        if os.path.isfile(last):
+            with open(last) as handle:
+                current = handle.read().strip()
+        if current is None or os.path.abspath(current) not in valid:
+            tmp = temporary_name(last)
+            with open(tmp, 'w') as handle:
+                handle.write(newest)
+            os.replace(tmp, last)
+    elif os.path.exists(last):
+        os.remove(last)
 
 
 class StageProgressHook(Hook):
@@ -103,6 +154,7 @@ class StageProgressHook(Hook):
         for key, value in (outputs or {}).items():
             self._sums[key] = self._sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
         self._count += 1
+        faults.point('train_iter' if self.history_path else 'trial_iter')
         if self.progress:
             self.progress('iter', runner.iter + 1, runner.max_iters, {})
 
@@ -243,6 +295,10 @@ def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, paren
     ``monitor`` (a :class:`curriculum.monitor.KnnMonitor`) scores the backbone at the start and every
     ``monitor_every`` epochs."""
     os.makedirs(stage_dir, exist_ok=True)
+    if get_rank() == 0:
+        tidy_stage_dir(stage_dir)
+    if is_distributed():
+        barrier()  # every rank decides on resuming from the tidied folder
     started = time.time()
     task = build_stage_task(task_name, cfg, inputs, parent_backbone)
     loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed)

@@ -1,4 +1,5 @@
-"""End-to-end tests of tools/run_curriculum.py: plan errors, the stage cache across orderings, kill and resume."""
+"""End-to-end tests of tools/run_curriculum.py: the stage cache across orderings, kill and resume, DDP (bad inputs:
+tests/test_bad_inputs.py; kills at random points: tests/test_fault_injection.py)."""
 from __future__ import annotations
 
 import json
@@ -23,69 +24,6 @@ def run_tool(args, work_root, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.run([sys.executable, TOOL, '--work-root', str(work_root), *args], capture_output=True,
                           text=True, env=env, cwd=REPO, **kwargs)
-
-
-def tool_module():
-    """tools/run_curriculum.py imported as a module (it is a script, not a package member)."""
-    import importlib.util
-
-    if 'run_curriculum_tool' not in sys.modules:
-        spec = importlib.util.spec_from_file_location('run_curriculum_tool', TOOL)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules['run_curriculum_tool'] = module
-    return sys.modules['run_curriculum_tool']
-
-
-def snapshot(folder):
-    """Every file below ``folder`` with its size and mtime."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            out[path] = (stat.st_size, stat.st_mtime_ns)
-    return out
-
-
-@pytest.mark.parametrize('args, fragment', [
-    (['--order', 'odc,bogus'], "unknown pretext task 'bogus'"),
-    (['--order', 'odc,odc'], "task 'odc' appears more than once"),
-    (['--order', ''], '--order is empty'),
-    (['--order', 'none,odc'], '"none" cannot be combined'),
-    (['--order', 'odc', '--cfg-options', 'tasks.odc.lr_range=[0.1,0.01]'], 'lr_range low 0.1 must be below high'),
-    (['--order', 'odc', '--epochs', '0'], 'epochs must be a positive integer'),
-    (['--order', 'moco,relloc', '--image-size', '28'], 'needs 29 px, the crop has 28 px'),
-    (['--order', 'odc', '--label-fraction', '1.5'], 'label_fraction must be in (0, 1]'),
-    (['--order', 'odc', '--protocols', 'linear,svm'], "unknown protocol 'svm'"),
-    (['--order', 'odc', '--config', 'missing.yaml'], 'config file not found: missing.yaml'),
-    (['--order', 'odc', '--dataset', 'nope'], "unknown dataset 'nope'"),
-    (['--order', 'odc', '--dataset', 'isic2019', '--data-root', '/nonexistent/isic'], '/nonexistent/isic'),
-    (['--order', 'odc', '--init', '/nonexistent/weights.pth'], 'not found: /nonexistent/weights.pth'),
-])
-def test_bad_input_one_line_exit_2_and_work_dir_untouched(tmp_path, capsys, args, fragment):
-    """In-process through the tool's ``main`` (one import for all cases; the process exit code is ``main``'s return
-    value, checked through a real process by the test below)."""
-    work_root = tmp_path / 'root'
-    existing = work_root / 'odc'
-    existing.mkdir(parents=True)
-    (existing / 'result.json').write_text('{"keep": true}')
-    before = snapshot(work_root)
-    code = tool_module().main(['--work-root', str(work_root), *args, '--work-dir', str(existing)])
-    stderr = capsys.readouterr().err
-    assert code == 2, stderr
-    lines = [line for line in stderr.strip().splitlines() if line.startswith('error:')]
-    assert len(lines) == 1 and fragment in lines[0], stderr
-    assert snapshot(work_root) == before
-
-
-def test_bad_input_through_a_real_process_exits_2_with_one_line(tmp_path):
-    work_root = tmp_path / 'root'
-    proc = run_tool(['--order', 'odc,bogus'], work_root, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unknown pretext task 'bogus'"), proc.stderr
-    assert not work_root.exists()
 
 
 def test_prefix_cache_and_result_schema(tmp_path):

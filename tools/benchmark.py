@@ -26,7 +26,7 @@ Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default out: ``bench
 * ``lr_search_fraction``: LR-search seconds / stage-training seconds from a real stage record;
 * ``goals``: each goal, its measured value, whether the value reaches the target, and what limits it.
 
-``--quick`` is a smoke test (small images, batches and iteration counts, a 2-task sweep, a 160-image downstream
+``--quick`` is a smoke test (small images, batches and iteration counts, a 2-task sweep, a 96-image downstream
 set): its numbers are flagged and not comparable with a full run. Measurements on a shared machine are noisy: the
 load average before and after is recorded, and the sides compared with each other are measured in alternating
 blocks in one process.
@@ -69,7 +69,7 @@ FULL = dict(image_size=64, batch_size=64, num_images=None, warmup=2, steps=2, ro
             sweep=dict(tasks=3, max_len=3, image_size=24, num_images=200, epochs=1), lr_quick=False)
 QUICK = dict(image_size=32, batch_size=8, num_images=96, warmup=1, steps=1, rounds=1, profile=1, peer_profile=0,
              kmeans=dict(n=5_000, dim=64, k=100, iters=10),
-             downstream=dict(image_size=32, num_images=160, epochs={'finetune': 1, 'linear': 50}, rounds=1),
+             downstream=dict(image_size=32, num_images=96, epochs={'finetune': 1, 'linear': 20}, rounds=1),
              sweep=dict(tasks=2, max_len=2, image_size=16, num_images=64, epochs=1, batch_size=16), lr_quick=True)
 
 

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail(exc)
     if result is not None:  # rank 0 (or a single process) evaluates, records and reports
-        print_summary(result, os.path.join(work_dir, 'result.json'))
+        print_summary(result, result.get('result_file') or os.path.join(work_dir, 'result.json'))
     return 0
 
 

@@ -7,12 +7,13 @@ from . import (chexpert, ham10000, image_folder, isic2019, medmnist, nih_cxr14, 
                siim_covid, synthetic)
 from .base import ArrayImageSource, FileImageSource, ImageRecords, ImageSource
 from .errors import (CorruptImageError, DatasetError, EmptySplitError, MissingColumnError, MissingFileError,
-                     UnknownDatasetError, UnknownLabelError)
+                     TooFewClassesError, UnknownDatasetError, UnknownLabelError)
 from .prepared import PreparedDataset, UnlabeledImages, load_dataset
 from .registry import DATASETS, load_records
 
 __all__ = [
     'ArrayImageSource', 'FileImageSource', 'ImageRecords', 'ImageSource', 'CorruptImageError', 'DatasetError',
-    'EmptySplitError', 'MissingColumnError', 'MissingFileError', 'UnknownDatasetError', 'UnknownLabelError',
+    'EmptySplitError', 'TooFewClassesError', 'MissingColumnError', 'MissingFileError', 'UnknownDatasetError',
+    'UnknownLabelError',
     'PreparedDataset', 'UnlabeledImages', 'load_dataset', 'DATASETS', 'load_records',
 ]

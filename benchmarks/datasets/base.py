@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .digests import content_digests
-from .errors import CorruptImageError, MissingColumnError, MissingFileError, UnknownLabelError
+from .errors import (CorruptImageError, DatasetError, EmptySplitError, MissingColumnError, MissingFileError,
+                     UnknownLabelError)
 
 SPLIT_NAMES = ('train', 'val', 'test')
 
@@ -212,17 +213,28 @@ class ImageRecords:
 
 
 def read_csv(path: str, required_columns: Sequence[str]) -> list[dict[str, str]]:
-    """Read a CSV file into dict rows, checking that the required columns exist."""
+    """Read a CSV file into dict rows, checking that the required columns exist and that it has at least one row.
+    Unreadable, undecodable (not UTF-8 text) or header-only files are one-line DatasetErrors naming the file."""
     if not os.path.isfile(path):
         raise MissingFileError(f'CSV file not found: {path}')
-    with open(path, newline='', encoding='utf-8-sig') as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required_columns if c not in columns]
-        if missing:
-            raise MissingColumnError(
-                f'{path}: missing column(s) {", ".join(missing)} (found: {", ".join(columns) or "none"})')
-        rows = [{(k or '').strip(): (v or '').strip() for k, v in row.items()} for row in reader]
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in required_columns if c not in columns]
+            if missing:
+                raise MissingColumnError(
+                    f'{path}: missing column(s) {", ".join(missing)} (found: {", ".join(columns) or "none"})')
+            rows = [{(k or '').strip(): (v or '').strip() if isinstance(v, str) else '' for k, v in row.items()}
+                    for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f'{path}: not a UTF-8 text CSV file ({exc.reason} at byte {exc.start})') from None
+    except csv.Error as exc:
+        raise DatasetError(f'{path}: not a readable CSV file ({exc})') from None
+    except OSError as exc:
+        raise DatasetError(f'cannot read {path}: {exc.strerror or exc}') from None
+    if not rows:
+        raise EmptySplitError(f'{path}: has a header but no data rows')
     return rows
 
 

@@ -31,3 +31,8 @@ class UnknownLabelError(DatasetError):
 
 class EmptySplitError(DatasetError):
     """A split (train/val/test or a label fraction of it) has no images."""
+
+
+class TooFewClassesError(DatasetError):
+    """Labels that cannot train or score a classifier: fewer than two classes, or a class without a labeled
+    training image."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -58,15 +60,21 @@ def load_medmnist(root: str | None, class_names: list[str] | None = None, **opti
     images, labels, split = [], [], []
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f'cannot read {path} as an .npz file: {exc}') from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f'cannot read {path} as an .npz file: {exc or type(exc).__name__}') from None
+    if not hasattr(archive, 'files'):  # np.load of a plain .npy file gives an array
+        raise DatasetError(f'{path}: a single .npy array, not an .npz archive of MedMNIST splits')
     with archive:
         for name in SPLIT_NAMES:
             for key in (f'{name}_images', f'{name}_labels'):
                 if key not in archive.files:
                     raise MissingColumnError(f'{path}: missing key {key} (found: {", ".join(archive.files)})')
-            part_images = archive[f'{name}_images']
-            part_labels = archive[f'{name}_labels']
+            try:
+                part_images = archive[f'{name}_images']
+                part_labels = archive[f'{name}_labels']
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise DatasetError(f'{path}: truncated or corrupt .npz archive ({name} split: '
+                                   f'{exc or type(exc).__name__})') from None
             _check_2d(part_images, path, name)
             if part_images.ndim == 3:
                 part_images = part_images[..., None]
@@ -86,6 +94,8 @@ def load_medmnist(root: str | None, class_names: list[str] | None = None, **opti
         raise DatasetError(f'{path}: the splits hold labels of different widths {sorted(widths)}')
     all_images = np.concatenate(images)
     all_labels = np.concatenate(labels)
+    if not len(all_images):
+        raise DatasetError(f'{path}: the archive holds no images')
     multilabel = all_labels.shape[1] > 1
     stem = re.sub(r'_\d+$', '', os.path.splitext(os.path.basename(path))[0].lower())
     if multilabel:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .base import ImageRecords
 from .cache import decoded_images, resize_uint8
-from .errors import EmptySplitError
+from .errors import EmptySplitError, TooFewClassesError
 from .registry import load_records
 from .splits import DEFAULT_FRACTIONS, label_fraction_subset, make_splits
 
@@ -101,6 +101,32 @@ class PreparedDataset:
         if len(subset) == 0:
             raise EmptySplitError(f'{self.name}: label fraction {label_fraction} of train is empty')
         return subset
+
+    def check_classes(self, label_fraction: float = 1.0, seed: int | None = None) -> None:
+        """The labels can train and score a classifier: the labeled training images (at ``label_fraction``) hold
+        at least two classes, and every class with val or test images has at least one of them (single-label);
+        at least two classes with positive training labels (multi-label). :class:`TooFewClassesError` otherwise."""
+        train = self.train_indices(label_fraction, seed)
+        where = f'{self.name} ({self.records.root})'
+        fraction = '' if label_fraction >= 1.0 else f' at label fraction {label_fraction:g}'
+        if self.multilabel:
+            positive = np.nan_to_num(self.labels[train], nan=0.0) > 0.5
+            present = [self.class_names[c] for c in np.flatnonzero(positive.any(0))]
+            if len(present) < 2:
+                raise TooFewClassesError(f'{where}: the training images{fraction} have positive labels for '
+                                         f'{len(present)} class(es) {present}; at least 2 are needed')
+            return
+        present = sorted(set(np.unique(self.labels[train]).tolist()))
+        if len(present) < 2:
+            names = [self.class_names[c] for c in present]
+            raise TooFewClassesError(f'{where}: the training images{fraction} hold {len(present)} class '
+                                     f'{names}; a classifier needs at least 2 classes')
+        for split in ('val', 'test'):
+            held = set(np.unique(self.labels[self.split == split]).tolist())
+            missing = sorted(held - set(present))
+            if missing:
+                raise TooFewClassesError(f'{where}: class {self.class_names[missing[0]]!r} has {split} images but '
+                                         f'no labeled training image{fraction}')
 
     def unlabeled(self, split: str = 'train') -> UnlabeledImages:
         """The images of ``split`` without labels, for pretext training."""

@@ -5,10 +5,13 @@ A loader is ``fn(root: str | None, **options) -> ImageRecords``; ``options`` com
 """
 from __future__ import annotations
 
+import csv
+import zipfile
+import zlib
 from typing import Callable
 
 from .base import ImageRecords
-from .errors import UnknownDatasetError
+from .errors import DatasetError, EmptySplitError, UnknownDatasetError
 
 LayoutLoader = Callable[..., ImageRecords]
 DATASETS: dict[str, LayoutLoader] = {}
@@ -30,5 +33,18 @@ def get_loader(name: str) -> LayoutLoader:
 
 
 def load_records(name: str, root: str | None = None, **options) -> ImageRecords:
-    """Read a dataset's metadata in its published layout (no pixels decoded)."""
-    return get_loader(name)(root, **options)
+    """Read a dataset's metadata in its published layout (no pixels decoded). A file the layout cannot read
+    (unreadable, truncated, not the format it should be) is a one-line DatasetError naming the data root; a layout
+    that lists no image is an EmptySplitError."""
+    loader = get_loader(name)
+    try:
+        records = loader(root, **options)
+    except (DatasetError, KeyboardInterrupt):
+        raise
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, zlib.error) as exc:
+        where = getattr(exc, 'filename', None) or root
+        detail = (getattr(exc, 'strerror', None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        raise DatasetError(f'dataset {name!r}: cannot read {where}: {detail}') from None
+    if len(records) == 0:
+        raise EmptySplitError(f'dataset {name!r} at {records.root}: no images')
+    return records

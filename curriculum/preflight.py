@@ -1,0 +1,114 @@
+"""Plan-time checks of everything outside the config that a run needs, before any compute and before anything is
+written: the work dir and work root can be created and written, the results store and the Optuna storage can be
+opened, ``--init`` weights load weights-only and fit the backbone, the downstream data have at least two classes
+with labeled training images, and every stage's batch fits the training images.
+
+Each problem is a one-line :class:`~curriculum.errors.PlanError` (or the data layer's / checkpoint layer's own
+error), so the tools end with exit code 2 and leave existing folders as they were. Nothing here creates a file or a
+folder: writability is probed with an anonymous temporary file, a store that does not exist yet only needs a
+writable folder.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from .errors import CheckpointError, PlanError
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """``path`` is a writable folder, or a folder that can be created (its nearest existing ancestor is a writable
+    folder)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        where = 'is a file' if existing == path else f'is under {existing}, which is a file'
+        raise PlanError(f'{what} {path} {where}, not a folder')
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = '' if existing == path else f' (its folder {existing} is not writable)'
+        raise PlanError(f'{what} {path} is not writable{where}: {exc.strerror or exc}') from None
+
+
+def public_url(url: str) -> str:
+    """``url`` with its password hidden (for messages)."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing in it is a secret we could recognise
+        return str(url)
+
+
+def check_database(url: str, what: str, timeout: int = 10) -> None:
+    """An SQLAlchemy URL that can be opened now: a server that answers, or an SQLite file that is a database (a
+    file that does not exist yet needs only a writable folder; it is created when first used)."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception as exc:  # sqlalchemy.exc.ArgumentError and friends
+        raise PlanError(f'{what} {url!r} is not a database URL ({str(exc).splitlines()[0]})') from None
+    connect_args = {}
+    if parsed.get_backend_name() == 'sqlite':
+        database = parsed.database
+        if database and database != ':memory:' and not database.startswith('file:'):
+            if os.path.isdir(database):
+                raise PlanError(f'{what} {database} is a folder, not an SQLite file')
+            if not os.path.exists(database):
+                check_writable_dir(os.path.dirname(os.path.abspath(database)), f'folder of the {what}')
+                return
+        query = 'SELECT count(*) FROM sqlite_master'   # fails on a file that is not a database
+    else:
+        if parsed.get_backend_name() in ('postgresql', 'mysql', 'mariadb'):
+            connect_args['connect_timeout'] = timeout
+        query = 'SELECT 1'
+    try:
+        engine = sa.create_engine(url, connect_args=connect_args)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sa.text(query))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # unreachable server, wrong credentials, missing driver, not a database file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError(f'cannot open {what} {public_url(url)!r}: {detail}') from None
+
+
+def check_outputs(work_dir: str, work_root: str, results_url: str, optuna_storage: str | None) -> None:
+    """Work dir, work root, results store and (when it will be used) the Optuna storage."""
+    check_writable_dir(work_dir, 'work dir')
+    check_writable_dir(work_root, 'work root')
+    check_database(results_url, 'results store')
+    if optuna_storage:
+        check_database(optuna_storage, 'Optuna storage')
+
+
+def load_init_weights(init_path: str, backbone_cfg: dict, seed: int) -> dict:
+    """``--init`` weights, loaded weights-only, checked key by key against the configured backbone."""
+    from pretext_tasks.base import initial_backbone
+
+    from .compat import load_user_weights
+
+    state = load_user_weights(init_path)
+    result = initial_backbone(backbone_cfg, seed).load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f'{init_path}: weights do not match the configured backbone '
+                              f'(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})')
+    return state
+
+
+def check_batch_sizes(plan, train_images: int, world_size: int) -> None:
+    """Every stage's batch fits the training images (per process under DDP)."""
+    per_rank = train_images // max(world_size, 1)
+    for stage in plan.stages:
+        if int(stage.cfg['batch_size']) > per_rank:
+            raise PlanError(f'{stage.task}: batch size {stage.cfg["batch_size"]} exceeds the {per_rank} training '
+                            f'images per process')
