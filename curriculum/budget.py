@@ -11,11 +11,12 @@ every task of a seed.
 """
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 
 import numpy as np
+
+from .stage import write_json_atomic
 
 #: a task "clearly" beats random initialisation at this margin (balanced-accuracy points / 100)
 CLEAR_MARGIN = 0.03
@@ -137,10 +138,7 @@ def write_report(out_dir: str, report: dict) -> list[str]:
     """``budget.json``, ``budget.md``, ``budget.png`` in ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ('budget.json', 'budget.md', 'budget.png')]
-    tmp = paths[0] + '.tmp'
-    with open(tmp, 'w') as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(tmp, paths[0])
+    write_json_atomic(paths[0], report)
     with open(paths[1], 'w') as handle:
         handle.write(render_markdown(report))
     render_plot(report, paths[2])

@@ -11,11 +11,12 @@ than that cannot rank learning rates (:func:`separation`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
+
+from .stage import write_json_atomic
 
 #: the fixed points of the check, as positions in the log range: low end, geometric middle, high end
 POINTS = (('low', 0.0), ('middle', 0.5), ('high', 1.0))
@@ -136,10 +137,7 @@ def write_report(out_dir: str, report: dict) -> list[str]:
     """``lr_check.json`` and ``lr_check.md`` in ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, 'lr_check.json'), os.path.join(out_dir, 'lr_check.md')]
-    tmp = paths[0] + '.tmp'
-    with open(tmp, 'w') as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(tmp, paths[0])
+    write_json_atomic(paths[0], report)
     with open(paths[1], 'w') as handle:
         handle.write(render_markdown(report))
     return paths
