@@ -104,9 +104,14 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
                                     pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
         study.set_user_attr('task', task_name)
         study.set_user_attr('lr_range', [low, high])
-        # A trial left RUNNING by a killed process is marked failed so the dashboard and the count stay honest.
+        # A trial left RUNNING by a killed process: when it started from this stage folder (its trial_<n> folder is
+        # here and the caller holds the stage lock, so no live process runs it) it goes back to the queue with its
+        # number and LR, so the resumed search runs exactly the trials of an uninterrupted one, in the same order
+        # (ties between equal scores are broken by that order); any other is marked failed.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001 (storage API)
+            ours = os.path.isdir(os.path.join(trials_dir, f'trial_{trial.number}'))
+            study._storage.set_trial_state_values(  # noqa: SLF001 (storage API)
+                trial._trial_id, TrialState.WAITING if ours else TrialState.FAIL)
         if search_cfg.get('sampler', 'stratified') == 'stratified' and not study.get_trials(deepcopy=False):
             for lr in stratified_lrs(low, high, n_trials, inputs.seed):
                 study.enqueue_trial({'lr': lr})

@@ -29,7 +29,7 @@ from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
 from .distributed import from_rank0
 from .errors import CheckpointError, EngineError
-from .lr_search import default_storage, open_study_storage, search_lr
+from .lr_search import default_storage, search_lr
 from .monitor import KnnMonitor
 from .plan import RunPlan
 from .precision import apply_precision, resolve_precision
@@ -37,7 +37,7 @@ from .results import store_run
 from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
 
 RESULT_FILE = 'result.json'
-# An LR trial interrupted by a kill is run again under its own number (_requeue_interrupted_trials); Optuna then
+# An LR trial interrupted by a kill is run again under its own number (curriculum.lr_search); Optuna then
 # warns that the intermediate scores the killed process reported are "already reported" (they are the same values).
 warnings.filterwarnings('ignore', message='The reported value is ignored because this')
 
@@ -310,11 +310,8 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
             _drop_epoch_checkpoints(directory)  # left behind when a kill struck just after stage.json was written
         return from_rank0(record)
     else:
-        trials_dir = os.path.join(directory, 'lr_search')
-        if get_rank() == 0 and int(search_cfg.get('trials', 0)) > 0 and os.path.isdir(trials_dir):
-            _requeue_interrupted_trials(storage, f'lr/{stage.task}/{key}', trials_dir)
-        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage, trials_dir,
-                           progress, monitor)
+        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
+                           os.path.join(directory, 'lr_search'), progress, monitor)
         search_seconds = time.time() - stage_started
         if progress and search.get('searched'):
             progress('lr_search', 0, 0, search)
@@ -331,24 +328,6 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
         record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
     return from_rank0(record)
 
-
-
-def _requeue_interrupted_trials(storage: str, study_name: str, trials_dir: str) -> None:
-    """Put LR trials that a killed process left RUNNING back in the queue (state WAITING, same number, same learning
-    rate), so that the resumed search runs exactly the trials of an uninterrupted one, in the same order (ties
-    between equal scores are broken by that order). Only trials started from this stage folder count (their
-    ``trial_<n>`` folder is here, and the caller holds the stage lock: no live process runs them).
-    (curriculum.lr_search, left alone, fails them and draws new learning rates from its sampler instead.)"""
-    import optuna
-    from optuna.trial import TrialState
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=open_study_storage(storage))
-    except KeyError:  # no study yet: nothing was interrupted
-        return
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if os.path.isdir(os.path.join(trials_dir, f'trial_{trial.number}')):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)  # noqa: SLF001 (storage API)
 
 
 def _public_url(url: str) -> str:
