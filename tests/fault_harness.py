@@ -8,26 +8,16 @@ stderr to a log file.
 """
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, 'tools', 'run_curriculum.py')
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-
-def _tool():
-    """tools/run_curriculum.py as a module (it is a script)."""
-    if 'run_curriculum_tool' not in sys.modules:
-        spec = importlib.util.spec_from_file_location('run_curriculum_tool', TOOL)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules['run_curriculum_tool'] = module
-    return sys.modules['run_curriculum_tool']
+from tool_loader import load_tool  # noqa: E402  (tests/ is on the path of pytest and of the forkserver)
 
 
 def _preload() -> None:
@@ -50,7 +40,7 @@ def _preload() -> None:
 
     register_all_modules(init_default_scope=False)
     optuna.storages.RDBStorage('sqlite://')   # imports alembic and the SQLite dialect (an in-memory database)
-    _tool()
+    load_tool('run_curriculum')
 
 
 if multiprocessing.current_process().name == 'MainProcess' and os.environ.get('FAULT_HARNESS_SERVER') == '1':
@@ -71,7 +61,7 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    code = _tool().main(argv)
+    code = load_tool('run_curriculum').main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)

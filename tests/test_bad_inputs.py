@@ -10,23 +10,12 @@ import sys
 
 import pytest
 
+from tool_loader import load_tool, tool_path
 from layout_fixtures import write_csv, write_ham10000, write_image, write_image_folder, write_isic2019, write_medmnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, 'tools', 'run_curriculum.py')
+TOOL = tool_path('run_curriculum')
 UNREACHABLE = 'postgresql://localhost:1/x'     # nothing listens on port 1
-
-
-def tool_module():
-    """tools/run_curriculum.py imported as a module (it is a script, not a package member)."""
-    import importlib.util
-
-    if 'run_curriculum_tool' not in sys.modules:
-        spec = importlib.util.spec_from_file_location('run_curriculum_tool', TOOL)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules['run_curriculum_tool'] = module
-    return sys.modules['run_curriculum_tool']
 
 
 def snapshot(folder) -> dict:
@@ -250,7 +239,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, buil
     args = builder(tmp_path)
     before = snapshot(work_root)
     # the case's own --order / --work-dir / --work-root come last and win
-    code = tool_module().main(['--work-root', str(work_root), '--work-dir', str(existing), '--order', 'odc',
+    code = load_tool('run_curriculum').main(['--work-root', str(work_root), '--work-dir', str(existing), '--order', 'odc',
                                '--quiet', *args])
     stderr = capsys.readouterr().err
     assert code == 2, stderr
@@ -270,7 +259,7 @@ def test_the_table_has_the_cases_the_issue_lists():
 @pytest.mark.parametrize('builder', [malicious_init, lambda t: one_class_folder(t, 40)], ids=['init', 'one class'])
 def test_a_failed_start_leaves_no_work_dir(tmp_path, capsys, builder):
     work_root = tmp_path / 'root'
-    code = tool_module().main(['--work-root', str(work_root), '--order', 'odc', '--quiet', *builder(tmp_path)])
+    code = load_tool('run_curriculum').main(['--work-root', str(work_root), '--order', 'odc', '--quiet', *builder(tmp_path)])
     assert code == 2, capsys.readouterr().err
     assert not work_root.exists()
 

@@ -1,30 +1,19 @@
 """tools/budget.py on a tiny built-in set: the three files, the curve of every task from epoch 0, one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tool_loader import load_tool
+
 TINY = ['--image-size', '32', '--epochs', '2', '--seeds', '0', '--quiet', '--cfg-options',
         'dataset_options.num_images=480', 'tasks.rotation.batch_size=32', 'tasks.moco.batch_size=32',
         'monitor.max_images=200',
         'backbone={type: ResNet, depth: 18, base_channels: 16, stem_channels: 16, out_indices: [3]}']
 
 
-def budget_tool():
-    if 'budget_tool' not in sys.modules:
-        spec = importlib.util.spec_from_file_location('budget_tool', os.path.join(REPO, 'tools', 'budget.py'))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules['budget_tool'] = module
-    return sys.modules['budget_tool']
-
-
 def test_budget_writes_json_markdown_and_plot_with_a_curve_per_task(tmp_path):
     out = tmp_path / 'out'
-    code = budget_tool().main(['--tasks', 'rotation,moco', '--work-root', str(tmp_path / 'root'), '--out', str(out),
+    code = load_tool('budget').main(['--tasks', 'rotation,moco', '--work-root', str(tmp_path / 'root'), '--out', str(out),
                                *TINY])
     assert code == 0
     report = json.loads((out / 'budget.json').read_text())
@@ -41,7 +30,7 @@ def test_budget_writes_json_markdown_and_plot_with_a_curve_per_task(tmp_path):
     assert (out / 'budget.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     # a second call reads every stage back from the cache: same curves
     again = tmp_path / 'again'
-    assert budget_tool().main(['--tasks', 'rotation,moco', '--work-root', str(tmp_path / 'root'), '--out',
+    assert load_tool('budget').main(['--tasks', 'rotation,moco', '--work-root', str(tmp_path / 'root'), '--out',
                                str(again), *TINY]) == 0
     assert json.loads((again / 'budget.json').read_text())['summary'] == report['summary']
 
@@ -50,7 +39,7 @@ def test_budget_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     for args, fragment in ((['--tasks', 'rotation'], '--epochs is required'),
                            (['--tasks', 'bogus', '--epochs', '1'], "unknown pretext task 'bogus'"),
                            (['--tasks', 'rotation', '--epochs', '1', '--seeds', 'a'], '--seeds must be')):
-        code = budget_tool().main([*args, '--work-root', str(tmp_path), '--out', str(tmp_path / 'out')])
+        code = load_tool('budget').main([*args, '--work-root', str(tmp_path), '--out', str(tmp_path / 'out')])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / 'out').exists()

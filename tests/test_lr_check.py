@@ -2,17 +2,15 @@
 tiny built-in set (fixed LRs at the range ends and middle, the searched LR, the two files)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import sys
 
 import pytest
 
 from curriculum import lr_check
+from tool_loader import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(lr, downstream, curve):
@@ -61,13 +59,6 @@ def test_separation_epoch_is_where_the_lr_spread_first_exceeds_twice_the_seed_no
     assert lr_check.separation(one_seed)['first_epoch'] is None   # no noise estimate from one seed
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location('lr_check_tool', os.path.join(REPO, 'tools', 'lr_check.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_lr_check_tool_runs_fixed_and_searched_stages_and_writes_its_report(tmp_path):
     out = tmp_path / 'out'
@@ -75,7 +66,7 @@ def test_lr_check_tool_runs_fixed_and_searched_stages_and_writes_its_report(tmp_
             '--work-root', str(tmp_path / 'root'), '--out', str(out), '--quiet', '--cfg-options',
             'dataset_options.num_images=160', 'tasks.rotation.batch_size=16', 'monitor.max_images=64',
             'backbone={type: ResNet, depth: 18, base_channels: 16, stem_channels: 16, out_indices: [3]}']
-    assert _tool().main(args) == 0
+    assert load_tool('lr_check').main(args) == 0
     report = json.loads((out / 'lr_check.json').read_text())
     runs = report['runs']['rotation']
     assert set(runs) == {'low', 'middle', 'high', 'searched'}
@@ -98,7 +89,7 @@ def test_lr_check_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     for args, fragment in ((['--tasks', 'rotation'], '--epochs is required'),
                            (['--tasks', 'rotation', '--epochs', '1', '--lr-trials', '1'], 'at least 2 trials'),
                            (['--tasks', 'bogus', '--epochs', '1'], "unknown pretext task 'bogus'")):
-        code = _tool().main([*args, '--work-root', str(tmp_path), '--out', str(tmp_path / 'out')])
+        code = load_tool('lr_check').main([*args, '--work-root', str(tmp_path), '--out', str(tmp_path / 'out')])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / 'out').exists()
