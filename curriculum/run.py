@@ -21,18 +21,18 @@ import numpy as np
 import torch
 from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 
-from benchmarks.datasets import load_dataset
+from benchmarks.datasets import TooFewClassesError, load_dataset
 from pretext_tasks.base import initial_backbone
 
 from . import preflight
 from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
 from .distributed import from_rank0
-from .errors import CheckpointError, EngineError
+from .errors import CheckpointError, EngineError, PlanError
 from .lr_search import default_storage, search_lr
 from .monitor import KnnMonitor
 from .plan import RunPlan
-from .precision import apply_precision, resolve_precision
+from .precision import apply_precision, log_once, resolve_precision
 from .results import store_run
 from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
 
@@ -98,11 +98,22 @@ def build_monitor(config: dict, pretext, device: str):
     """The online kNN monitor of the run's stages (also the LR search's ``knn`` objective) and its interval:
     ``(KnnMonitor | None, every)``. None when ``monitor.knn`` is off and the LR search does not need it."""
     settings = dict(config.get('monitor') or {})
-    objective = (config.get('lr_search') or {}).get('objective', 'auto')
-    if not settings.get('knn', True) and objective != 'knn':
+    search = config.get('lr_search') or {}
+    objective = search.get('objective', 'auto')
+    knn_search = objective == 'knn' and int(search.get('trials', 0)) > 0
+    if not settings.get('knn', True) and not knn_search:
         return None, 1
     evaluation = config.get('evaluation') or {}
-    monitor = KnnMonitor.from_dataset(pretext, float(evaluation.get('label_fraction', 1.0)), int(config['seed']),
+    label_fraction = float(evaluation.get('label_fraction', 1.0))
+    try:  # pretext labels of one class would score every backbone 1.0: no monitor rather than a meaningless one
+        pretext.check_classes(label_fraction, int(config['seed']))
+    except TooFewClassesError as exc:
+        if knn_search:
+            raise PlanError(f'lr_search.objective=knn cannot rank learning rates on this pretext data: {exc}') \
+                from None
+        log_once(f'kNN monitor off (the LR search scores trials by the pretext objective): {exc}')
+        return None, 1
+    monitor = KnnMonitor.from_dataset(pretext, label_fraction, int(config['seed']),
                                       int(settings.get('max_images', 1000)), int(settings.get('k', 20)), device)
     return monitor, int(settings.get('every', 1)) if settings.get('knn', True) else 0
 
@@ -149,6 +160,7 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
     evaluation = dict(config.get('evaluation') or {})
     downstream_data.check_classes(float(evaluation.get('label_fraction', 1.0)), seed)
     preflight.check_batch_sizes(plan, len(pretext.unlabeled('train')), get_world_size())
+    monitor, monitor_every = build_monitor(config, pretext, device)
     os.makedirs(work_root, exist_ok=True)
     inputs = StageInputs(
         train_images=pretext.unlabeled('train').images,
@@ -158,7 +170,6 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         precision=from_rank0(resolve_precision(config.get('amp'), device, config.get('channels_last', 'auto'))
                              if get_rank() == 0 else None),
         deterministic=bool(config.get('deterministic')))
-    monitor, monitor_every = build_monitor(config, pretext, device)
     precision = precision_key(inputs.precision, inputs.deterministic)
     if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
         precision += f':ws={get_world_size()}'

@@ -101,6 +101,15 @@ def one_class_folder(tmp, count):
     return ['--dataset', 'image_folder', '--data-root', root, '--order', 'rotation', '--lr-trials', '0']
 
 
+def one_class_pretext_with_knn_scored_search(tmp):
+    """Pretext data of one class (fine for SSL), a two-class downstream set, an LR search told to score by kNN."""
+    args = one_class_folder(tmp, 100)
+    downstream = write_image_folder(str(tmp / 'two_classes'), splits=None, classes=('a', 'b'), per_class=40,
+                                    empty_class=None)
+    return args + ['--downstream', 'image_folder', '--downstream-root', downstream, '--lr-trials', '2',
+                   '--cfg-options', 'lr_search.objective=knn']
+
+
 def class_only_in_test(tmp):
     root = str(tmp / 'split_tree')
     number = 0
@@ -212,6 +221,8 @@ CASES = [
     ('truncated MedMNIST npz', truncated_npz, 'pneumoniamnist.npz'),
     ('one class, 100 images', lambda t: one_class_folder(t, 100), "hold 1 class ['nevus']; a classifier needs"),
     ('one class, 40 images', lambda t: one_class_folder(t, 40), "hold 1 class ['nevus']; a classifier needs"),
+    ('one-class pretext data, kNN-scored LR search', one_class_pretext_with_knn_scored_search,
+     "lr_search.objective=knn cannot rank learning rates on this pretext data: "),
     ('class only in test', class_only_in_test, "class 'c' has test images but no labeled training image"),
     ('batch larger than the data', too_few_images_for_a_batch, 'rotation: batch size 64 exceeds the'),
     # weights

@@ -240,6 +240,31 @@ def test_multilabel_data_need_two_classes_with_positive_training_labels(tmp_path
 
 
 # -- fault points -------------------------------------------------------------------------------------------------
+def test_one_class_pretext_labels_turn_the_monitor_off_and_stop_a_knn_scored_search(tmp_path):
+    """SSL needs no labels, so one-class pretext data can train; but a kNN monitor on it would score every
+    backbone 1.0: it is switched off (auto objective falls back to the pretext score), and an explicitly
+    kNN-scored LR search is a plan-time error."""
+    from benchmarks.datasets import load_dataset
+    from curriculum.monitor import KnnMonitor
+    from curriculum.run import build_monitor
+    from layout_fixtures import write_image_folder
+
+    def config(objective):
+        return {'seed': 0, 'monitor': {'knn': True, 'every': 1, 'max_images': 50, 'k': 5},
+                'lr_search': {'trials': 3, 'objective': objective}, 'evaluation': {'label_fraction': 1.0}}
+
+    one = load_dataset('image_folder', write_image_folder(str(tmp_path / 'one'), splits=None, classes=('a',),
+                                                          per_class=30, empty_class=None), image_size=16, seed=0)
+    two = load_dataset('image_folder', write_image_folder(str(tmp_path / 'two'), splits=None, classes=('a', 'b'),
+                                                          per_class=30, empty_class=None), image_size=16, seed=0)
+    assert build_monitor(config('auto'), one, 'cpu') == (None, 1)
+    with pytest.raises(PlanError, match=r"objective=knn cannot rank .* hold 1 class \['a'\]"):
+        build_monitor(config('knn'), one, 'cpu')
+    monitor, every = build_monitor(config('knn'), two, 'cpu')
+    assert isinstance(monitor, KnnMonitor) and every == 1
+    assert set(np.unique(monitor.train_labels)) == {0, 1}
+
+
 def test_fault_points_are_inert_unless_asked_and_traced_when_asked(tmp_path, monkeypatch):
     from curriculum import faults
 
