@@ -21,6 +21,8 @@ def stage_key(parent_key: str | None, task: str, task_cfg: dict, search_cfg: dic
     payload = dict(version=CACHE_VERSION, parent=parent_key, task=task, task_cfg=task_cfg, search=search_cfg,
                    seed=seed, data=data_fingerprint, image_size=image_size, backbone=backbone_cfg,
                    precision=precision)
+    if task_cfg.get('paramwise_cfg'):  # ignored by the trainer before it was applied: such stages trained anew
+        payload['paramwise_applied'] = True
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

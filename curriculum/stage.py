@@ -244,6 +244,8 @@ def _optim_wrapper(cfg: dict, lr: float, inputs: StageInputs) -> dict:
     wrapper = dict(type=optim_wrapper_type(inputs.resolved_precision()), optimizer=optimizer)
     if cfg.get('clip_grad'):
         wrapper['clip_grad'] = dict(cfg['clip_grad'])
+    if cfg.get('paramwise_cfg'):  # per-parameter rules (mmengine's DefaultOptimWrapperConstructor), e.g. ODC's head
+        wrapper['paramwise_cfg'] = dict(cfg['paramwise_cfg'])
     return wrapper
 
 

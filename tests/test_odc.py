@@ -316,3 +316,25 @@ def test_odc_learns_on_synthetic_derm():
     assert history[-1]['nonempty_clusters'] > 0.9 * task.num_clusters          # no collapse of the memory
     # the kNN probe (batch-norm statistics re-estimated on the clean train images) beats the random init's
     assert run['trained']['recalibrated'] > run['random']['recalibrated'] + 0.03
+
+
+def test_the_stage_optimizer_applies_the_recipe_paramwise_cfg():
+    """configs/tasks/odc.yaml gives the head no momentum; the stage's optimizer wrapper must carry that rule."""
+    import yaml
+    from mmengine.optim import build_optim_wrapper
+
+    from curriculum.plan import CONFIG_DIR
+    from curriculum.stage import StageInputs, _optim_wrapper
+
+    with open(os.path.join(CONFIG_DIR, 'tasks', 'odc.yaml')) as handle:
+        recipe = yaml.safe_load(handle)
+    assert recipe['paramwise_cfg'] == {'custom_keys': {'head': {'momentum': 0.0}}}
+    inputs = StageInputs(train_images=np.zeros((1, 32, 32, 3), np.uint8), val_images=np.zeros((1, 32, 32, 3), np.uint8),
+                         image_size=32, backbone_cfg={}, seed=0, device='cpu')
+    task = make_task()
+    wrapper = build_optim_wrapper(task, _optim_wrapper(recipe, 0.03, inputs))
+    head = {id(task.head.weight), id(task.head.bias)}
+    groups = wrapper.optimizer.param_groups
+    assert {group['momentum'] for group in groups if id(group['params'][0]) in head} == {0.0}
+    assert {group['momentum'] for group in groups if id(group['params'][0]) not in head} == {0.9}
+    assert sum(len(group['params']) for group in groups) == len(list(task.parameters()))
