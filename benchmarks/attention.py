@@ -32,6 +32,7 @@ from .datasets.base import FileImageSource
 from .datasets.cache import resize_uint8
 from .datasets.errors import DatasetError
 from .datasets.layout_helpers import IMAGE_EXTENSIONS
+from .metrics import mean_t_interval
 from .protocols.features import borrowed, to_model_input
 
 MASK_SUFFIXES = ('_mask', '_segmentation', '_seg', '_roi')
@@ -128,40 +129,14 @@ def roi_score(cam: np.ndarray, mask: np.ndarray) -> tuple[float | None, str | No
     return float(positive[mask].sum() / total), None
 
 
-def _t_pdf_integral(t: float, df: float, steps: int = 2000) -> float:
-    """P(0 < T < t) for Student's t with ``df`` degrees of freedom (Simpson's rule; no SciPy dependency)."""
-    x = np.linspace(0.0, t, steps + 1)
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
-    h = t / steps
-    return float(h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()))
-
-
-def t_quantile(probability: float, df: float) -> float:
-    """Quantile of Student's t (``probability`` > 0.5) by bisection on its CDF."""
-    target = probability - 0.5
-    low, high = 0.0, 16.0
-    while _t_pdf_integral(high, df) < target:
-        high *= 2
-    for _ in range(60):
-        middle = (low + high) / 2
-        if _t_pdf_integral(middle, df) < target:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
 def mean_ci(scores, confidence: float = 0.95) -> tuple[float | None, list[float | None]]:
     """Mean and Student-t confidence interval over images, clipped to [0, 1]; None where undefined."""
-    values = np.asarray([s for s in scores if s is not None and math.isfinite(s)], dtype=np.float64)
-    if len(values) == 0:
+    mean, low, high = mean_t_interval(scores, confidence)
+    if math.isnan(mean):
         return None, [None, None]
-    mean = float(values.mean())
-    if len(values) < 2:
+    if math.isnan(low):
         return mean, [None, None]
-    half = t_quantile(0.5 + confidence / 2, len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
-    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+    return mean, [max(0.0, low), min(1.0, high)]
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------

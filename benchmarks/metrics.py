@@ -9,9 +9,12 @@ in ``y_true``.
 * :func:`multilabel_metrics` – ``(N, C)`` targets in {0, 1} with NaN = unknown (ignored), ``scores`` are
   per-label probabilities (threshold 0.5).
 * :func:`bootstrap_ci` – 95 % percentile bootstrap interval over test images.
+* :func:`t_quantile`, :func:`mean_t_interval` – Student-t intervals over seeds or images (the one copy the
+  leaderboard, the study report and the attention benchmark share).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -188,3 +191,43 @@ def test_metrics(y_true: np.ndarray, scores: np.ndarray, multilabel: bool, n_boo
     if n_bootstrap > 0:
         result[f'{headline}_ci'] = list(bootstrap_ci(y_true, scores, headline_of, n=n_bootstrap, seed=seed))
     return result
+
+
+def _t_central_mass(t: float, df: float, steps: int = 2000) -> float:
+    """P(0 < T < t) for Student's t with ``df`` degrees of freedom (Simpson's rule on the density; no SciPy)."""
+    x = np.linspace(0.0, t, steps + 1)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
+    h = t / steps
+    return float(h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()))
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """Quantile of Student's t for ``probability`` in (0.5, 1), any real ``df`` > 0, by bisection on the CDF
+    (exact to about 1e-4; a table with rounded degrees of freedom would make some intervals too narrow)."""
+    if not 0.5 < probability < 1.0 or not df > 0:
+        raise ValueError(f't_quantile: need 0.5 < probability < 1 and df > 0, got {probability}, {df}')
+    target = probability - 0.5
+    low, high = 0.0, 16.0
+    while _t_central_mass(high, df) < target:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _t_central_mass(middle, df) < target:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def mean_t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t ``confidence`` interval of the finite ``values`` (None and NaN dropped):
+    ``(mean, low, high)``; NaN bounds for fewer than two values, all NaN for none."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if len(finite) == 0:
+        return float('nan'), float('nan'), float('nan')
+    mean = float(finite.mean())
+    if len(finite) < 2:
+        return mean, float('nan'), float('nan')
+    half = t_quantile(0.5 + confidence / 2, len(finite) - 1) * float(finite.std(ddof=1)) / math.sqrt(len(finite))
+    return mean, mean - half, mean + half

@@ -17,21 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from benchmarks.metrics import mean_t_interval
+
 METRICS = ('balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa')
-# two-sided 95 % Student-t quantiles by degrees of freedom (no SciPy dependency)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t_quantile(df: int) -> float:
-    if df in _T975:
-        return _T975[df]
-    keys = sorted(_T975)
-    larger = [k for k in keys if k > df]
-    return _T975[larger[0]] if larger else 1.960
-
-
 def all_orderings(tasks: list[str], max_len: int) -> list[tuple[str, ...]]:
     """Every ordering of distinct tasks of length 1..max_len (15 for 3 tasks up to length 3)."""
     out = []
@@ -90,8 +78,8 @@ class Row:
         """95 % CI: Student-t over seeds when there are several, else the bootstrap over test images."""
         values = [v for v in self.values.get(metric, []) if v is not None and math.isfinite(v)]
         if len(values) >= 2:
-            half = t_quantile(len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-            return self.mean(metric) - half, self.mean(metric) + half, f't over {len(values)} seeds'
+            _, low, high = mean_t_interval(values)
+            return low, high, f't over {len(values)} seeds'
         if len(self.cis) == 1 and self.cis[0] and all(math.isfinite(x) for x in self.cis[0]):
             return float(self.cis[0][0]), float(self.cis[0][1]), 'bootstrap over test images'
         return float('nan'), float('nan'), 'n/a'

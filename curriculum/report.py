@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from benchmarks.metrics import mean_t_interval
+
 from .errors import PlanError
 from .leaderboard import (build_leaderboards, comparison_key, curriculum_label, nan_low, render_markdown,
-                          run_label, t_quantile)
+                          run_label)
 from .plan import parse_order, read_yaml
 
 DISCUSSION_FILE = 'results_discussion.md'
@@ -84,23 +86,11 @@ def load_experiment(path: str) -> Experiment:
 
 # --- statistics over seeds -------------------------------------------------------------------------------------
 
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and Student-t 95 % interval (nan bounds for fewer than two values)."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float('nan'), float('nan'), float('nan')
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, float('nan'), float('nan')
-    half = t_quantile(len(values) - 1) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
     """Mean of a − b over the seeds both have, its 95 % t interval and the number of pairs."""
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds if math.isfinite(a[s]) and math.isfinite(b[s])]
-    mean, low, high = mean_ci(diffs)
+    mean, low, high = mean_t_interval(diffs)
     return mean, low, high, len(diffs)
 
 
@@ -152,10 +142,10 @@ class Cell:
     ci: dict[int, list] = field(default_factory=dict)   # bootstrap 95 % CI over test images, per seed
 
     def test_mean(self) -> float:
-        return mean_ci(list(self.test.values()))[0]
+        return mean_t_interval(list(self.test.values()))[0]
 
     def val_mean(self) -> float:
-        return mean_ci(list(self.val.values()))[0]
+        return mean_t_interval(list(self.val.values()))[0]
 
 
 def _protocol_runs(runs: list[dict], protocol: str):
@@ -210,14 +200,15 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
     if multi:
         best = max(multi, key=lambda c: nan_low(c.val_mean()))
         lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
-                     f'{_with_ci(*mean_ci(list(best.test.values())))} over {len(best.test)} seed(s).')
+                     f'{_with_ci(*mean_t_interval(list(best.test.values())))} over {len(best.test)} seed(s).')
         if scratch:
-            lines.append(f'  - vs from scratch ({_with_ci(*mean_ci(list(scratch.test.values())))}): '
+            lines.append(f'  - vs from scratch ({_with_ci(*mean_t_interval(list(scratch.test.values())))}): '
                          f'{_compare(best, scratch)}.')
         if single:
             best_single = max(single, key=lambda c: nan_low(c.val_mean()))
-            lines.append(f'  - vs the best single task, **{best_single.label}** '
-                         f'({_with_ci(*mean_ci(list(best_single.test.values())))}): {_compare(best, best_single)}.')
+            interval = _with_ci(*mean_t_interval(list(best_single.test.values())))
+            lines.append(f'  - vs the best single task, **{best_single.label}** ({interval}): '
+                         f'{_compare(best, best_single)}.')
     if single and scratch:
         top = max(single, key=lambda c: nan_low(c.val_mean()))
         lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')

@@ -16,8 +16,9 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.attention import (AttentionInputs, analyse, inputs_from_dataset, inputs_from_folder, mean_ci,
-                                  roi_score, t_quantile)
+                                  roi_score)
 from benchmarks.datasets import load_dataset
+from benchmarks.metrics import t_quantile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, '..', 'shared', 'data')

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks.metrics import (binary_auc, bootstrap_ci, classification_metrics, cohen_kappa, compute_metrics,
-                                headline_metric, midranks, multilabel_metrics)
+                                headline_metric, mean_t_interval, midranks, multilabel_metrics, t_quantile)
 
 
 def one_hot_scores(pred, k):
@@ -121,3 +121,27 @@ def test_test_metrics_bootstrap_interval_brackets_the_estimate_and_narrows_with_
         assert low <= result['balanced_accuracy'] <= high
     assert (large['balanced_accuracy_ci'][1] - large['balanced_accuracy_ci'][0]) < \
         0.5 * (small['balanced_accuracy_ci'][1] - small['balanced_accuracy_ci'][0])
+
+
+# published two-sided 95 % Student-t quantiles (any statistics table)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 21: 2.080, 22: 2.074,
+        24: 2.064, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+@pytest.mark.parametrize('df', sorted(T975))
+def test_t_quantile_matches_the_table_at_every_df(df):
+    # a table rounded to the next listed df (21 → 25) gave 2.060 at df 21: an interval about 1 % too narrow
+    assert t_quantile(0.975, df) == pytest.approx(T975[df], abs=1.5e-3)
+
+
+def test_mean_t_interval_over_seeds_and_the_leaderboard_use_the_exact_quantile():
+    from curriculum.leaderboard import Row
+
+    values = [0.5 + 0.01 * (i % 5) for i in range(22)]            # df = 21
+    mean, low, high = mean_t_interval(values + [None, float('nan')])
+    half = 2.080 * float(np.std(values, ddof=1)) / math.sqrt(22)
+    assert mean == pytest.approx(np.mean(values)) and high - mean == pytest.approx(half, rel=1e-3)
+    assert mean - low == pytest.approx(half, rel=1e-3)
+    row = Row(label='moco', order=('moco',), baseline=False, values={'balanced_accuracy': values})
+    assert row.interval('balanced_accuracy')[:2] == pytest.approx((low, high))
+    assert math.isnan(mean_t_interval([0.3])[1]) and math.isnan(mean_t_interval([])[0])
