@@ -203,7 +203,6 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
     return outcome
 
 
-
 def objective_name(search_cfg: dict, monitor) -> str:
     """``knn`` or ``pretext``: ``auto`` (the default) is ``knn`` when the pretext data has labels for the kNN
     monitor, else the task's own validation score."""

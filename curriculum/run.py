@@ -340,7 +340,6 @@ def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path
     return from_rank0(record)
 
 
-
 def _public_url(url: str) -> str:
     """A storage URL without its password (results are shared; credentials are not)."""
     import sqlalchemy

@@ -77,7 +77,7 @@ def pool_last(features: Any) -> torch.Tensor:
 
 
 class PretextTask(BaseModel):
-    """Base class of the five pretext tasks (see the module docstring)."""
+    """Base class of every pretext task (see the module docstring)."""
 
     #: registered name (a contract used by ``--order``)
     name: ClassVar[str] = ''

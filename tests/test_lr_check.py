@@ -12,7 +12,6 @@ from curriculum import lr_check
 from tool_loader import load_tool
 
 
-
 def _record(lr, downstream, curve):
     return {'lr': lr, 'downstream_knn': downstream, 'epochs': list(range(len(curve))), 'knn': list(curve),
             'train_seconds': 1.0, 'lr_search_seconds': None, 'lr_search': None}
