@@ -76,6 +76,36 @@ def pool_last(features: Any) -> torch.Tensor:
     return last
 
 
+def config_number(task: str, task_cfg: dict, key: str, default, kind=float):
+    """``task_cfg[key]`` (or ``default``) as ``kind``; a value of another type is a PretextConfigError."""
+    value = task_cfg.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise PretextConfigError(f'{task}: {key} must be {"an integer" if kind is int else "a number"}, '
+                                 f'got {value!r}') from None
+
+
+def check_probabilities(task: str, task_cfg: dict, defaults: dict, *keys: str) -> None:
+    """Each of ``keys`` (default from ``defaults``) is a number in [0, 1]."""
+    for key in keys:
+        value = config_number(task, task_cfg, key, defaults.get(key))
+        if not 0.0 <= value <= 1.0:
+            raise PretextConfigError(f'{task}: {key} must be in [0, 1], got {value}')
+
+
+def check_crop_scale(task: str, task_cfg: dict, default, key: str = 'crop_scale') -> tuple[float, float]:
+    """``task_cfg[key]`` as a (low, high) area range with 0 < low <= high <= 1."""
+    value = task_cfg.get(key, default)
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise PretextConfigError(f'{task}: {key} must be two numbers [low, high], got {value!r}') from None
+    if not 0 < low <= high <= 1:
+        raise PretextConfigError(f'{task}: {key} must satisfy 0 < low <= high <= 1, got {(low, high)}')
+    return low, high
+
+
 class PretextTask(BaseModel):
     """Base class of every pretext task (see the module docstring)."""
 
@@ -84,13 +114,15 @@ class PretextTask(BaseModel):
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:
-        """Checks of the task config that need no data (only the image size); raise PretextConfigError. Called when
-        a curriculum is planned, before any stage runs; the constructor checks everything again."""
+        """Checks of the task config that need no data (only the image size); raise PretextConfigError. The one
+        copy of these rules: called when a curriculum is planned, before anything is written, and again by the
+        constructor. Tasks extend it (``super().check_config(...)`` first)."""
 
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(data_preprocessor=dict(type='BaseDataPreprocessor'))
         if num_images < 2:
             raise PretextConfigError(f'{self.name}: needs at least 2 training images, got {num_images}')
+        type(self).check_config(dict(task_cfg or {}), int(image_size))
         self.task_cfg = dict(task_cfg or {})
         self.num_images = int(num_images)
         self.image_size = int(image_size)

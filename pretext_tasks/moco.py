@@ -26,7 +26,7 @@ from .augment import (
     random_resized_crop,
     to_float_nchw,
 )
-from .base import PretextTask
+from .base import PretextTask, check_crop_scale, config_number
 from .errors import PretextConfigError
 from .registry import register_task
 
@@ -68,6 +68,23 @@ class MoCoTask(PretextTask):
 
     name = 'moco'
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        super().check_config(task_cfg, image_size)
+        momentum = config_number('moco', task_cfg, 'momentum', 0.999)
+        if not 0.5 <= momentum < 1.0:
+            raise PretextConfigError(f'moco: momentum must be in [0.5, 1) (MoCo convention, e.g. 0.999), '
+                                     f'got {momentum}')
+        if not config_number('moco', task_cfg, 'temperature', 0.2) > 0:
+            raise PretextConfigError(f'moco: temperature must be positive, got {task_cfg.get("temperature")}')
+        if not config_number('moco', task_cfg, 'queue_fraction', 0.5) > 0:
+            raise PretextConfigError(f'moco: queue_fraction must be positive, got {task_cfg.get("queue_fraction")}')
+        for key in ('feat_dim', 'batch_size'):
+            if config_number('moco', task_cfg, key, 64, int) < 1:
+                raise PretextConfigError(f'moco: {key} must be a positive integer, got {task_cfg.get(key)}')
+        check_crop_scale('moco', task_cfg, (0.2, 1.0))
+        config_number('moco', task_cfg, 'color_strength', 1.0)
+
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         import mmpretrain.models  # noqa: F401  (registers MoCo and its parts)
@@ -78,9 +95,6 @@ class MoCoTask(PretextTask):
             raise PretextConfigError(f'moco: the backbone must return one feature map (MoCoV2Neck takes one), '
                                      f'got {len(outputs)}; set out_indices to a single stage')
         momentum = float(self.cfg('momentum', 0.999))
-        if not 0.5 <= momentum < 1.0:
-            raise PretextConfigError(f'moco: momentum must be in [0.5, 1) (MoCo convention, e.g. 0.999), '
-                                     f'got {momentum}')
         self.feat_dim = int(self.cfg('feat_dim', 128))
         # under DDP the keys of every rank are enqueued together: the queue holds whole global batches
         self.queue_len = moco_queue_length(self.num_images, int(self.cfg('batch_size', 64)) * get_world_size(),

@@ -59,7 +59,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from . import augment
-from .base import PretextTask, pool_last
+from .base import PretextTask, check_crop_scale, check_probabilities, config_number, pool_last
 from .clustering import kmeans, torch_kmeans
 from .errors import PretextConfigError
 from .registry import register_task
@@ -133,6 +133,28 @@ class ODC(PretextTask):
 
     name = 'odc'
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        super().check_config(task_cfg, image_size)
+        if config_number('odc', task_cfg, 'num_clusters', 10000, int) < 2:
+            raise PretextConfigError(f'odc: num_clusters must be at least 2, got {task_cfg.get("num_clusters")}')
+        memory_momentum = config_number('odc', task_cfg, 'memory_momentum', 0.5)
+        if not 0.0 <= memory_momentum < 1.0:
+            raise PretextConfigError(f'odc: memory_momentum must be in [0, 1), got {memory_momentum}')
+        interval = config_number('odc', task_cfg, 'centroid_update_interval', 10, int)
+        if interval < 1:
+            raise PretextConfigError(f'odc: centroid_update_interval must be >= 1, got {interval}')
+        head_init = task_cfg.get('head_init', 'random')
+        if head_init not in ('random', 'centroids'):
+            raise PretextConfigError(f"odc: head_init must be 'random' or 'centroids', got {head_init!r}")
+        for key, default in (('images_per_cluster', 40), ('min_cluster_size', 20), ('kmeans_iters', 20)):
+            if config_number('odc', task_cfg, key, default, int) < 1:
+                raise PretextConfigError(f'odc: {key} must be a positive integer, got {task_cfg.get(key)}')
+        for key, default in (('reweight_pow', 0.5), ('head_init_scale', 10.0)):
+            config_number('odc', task_cfg, key, default)
+        check_crop_scale('odc', task_cfg, (0.2, 1.0))
+        check_probabilities('odc', task_cfg, {'jitter_p': 0.8, 'grayscale_p': 0.2}, 'jitter_p', 'grayscale_p')
+
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         self.notes: list[str] = []
@@ -142,17 +164,10 @@ class ODC(PretextTask):
         self.num_clusters = k
         self.min_cluster_size = effective_min_cluster_size(self.num_images, k, self.cfg('min_cluster_size', 20))
         self.memory_momentum = float(self.cfg('memory_momentum', 0.5))
-        if not 0.0 <= self.memory_momentum < 1.0:
-            raise PretextConfigError(f'odc: memory_momentum must be in [0, 1), got {self.memory_momentum}')
         self.reweight_pow = float(self.cfg('reweight_pow', 0.5))
         self.centroid_update_interval = int(self.cfg('centroid_update_interval', 10))
-        if self.centroid_update_interval < 1:
-            raise PretextConfigError(f'odc: centroid_update_interval must be >= 1, got '
-                                     f'{self.centroid_update_interval}')
         self.kmeans_iters = int(self.cfg('kmeans_iters', 20))
         self.head_init = str(self.cfg('head_init', 'random'))
-        if self.head_init not in ('random', 'centroids'):
-            raise PretextConfigError(f"odc: head_init must be 'random' or 'centroids', got {self.head_init!r}")
         self.head_init_scale = float(self.cfg('head_init_scale', 10.0))
 
         out_dim = int(self.cfg('neck_out', 256))

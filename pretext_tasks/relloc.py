@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import normalize, random_resized_crop, to_float_nchw
-from .base import pool_last
+from .base import check_crop_scale, check_probabilities, config_number, pool_last
 from .classification import ClassificationPretext
 from .errors import PretextConfigError
 from .registry import register_task
@@ -142,10 +142,16 @@ class RelativeLocation(ClassificationPretext):
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        super().check_config(task_cfg, image_size)
         d = DEFAULTS
-        grid_geometry(int(image_size), float(task_cfg.get('patch_frac', d['patch_frac'])),
-                      float(task_cfg.get('gap_frac', d['gap_frac'])), float(task_cfg.get('jitter_frac',
-                                                                                          d['jitter_frac'])))
+        grid_geometry(int(image_size), *(config_number('relloc', task_cfg, key, d[key])
+                                         for key in ('patch_frac', 'gap_frac', 'jitter_frac')))
+        check_probabilities('relloc', task_cfg, d, 'color_drop_p', 'grayscale_p', 'downsample_p', 'head_dropout',
+                            'flip_p')
+        check_crop_scale('relloc', task_cfg, d['crop_scale'])
+        for key in ('patch_input_frac', 'channel_jitter'):
+            config_number('relloc', task_cfg, key, d[key])
+        config_number('relloc', task_cfg, 'head_hidden', d['head_hidden'], int)
 
     def __init__(self, backbone, task_cfg, num_images, image_size, seed=0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
@@ -166,12 +172,6 @@ class RelativeLocation(ClassificationPretext):
         self.downsample_size = max(4, self.patch // 2)
         hidden = int(self.cfg('head_hidden', d['head_hidden']))
         dropout = float(self.cfg('head_dropout', d['head_dropout']))
-        for key, value in (('color_drop_p', self.color_drop_p), ('grayscale_p', self.grayscale_p),
-                           ('downsample_p', self.downsample_p), ('head_dropout', dropout), ('flip_p', self.flip_p)):
-            if not 0.0 <= value <= 1.0:
-                raise PretextConfigError(f'relloc: {key} must be in [0, 1], got {value}')
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise PretextConfigError(f'relloc: crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}')
         in_dim = 2 * self.feature_dim
         if hidden > 0:
             self.head = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .augment import normalize, random_resized_crop, to_float_nchw
-from .base import pool_last
+from .base import check_crop_scale, check_probabilities, config_number, pool_last
 from .classification import ClassificationPretext
 from .errors import PretextConfigError
 from .registry import register_task
@@ -59,6 +59,16 @@ class RotationPrediction(ClassificationPretext):
 
     name = 'rotation'
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        super().check_config(task_cfg, image_size)
+        rotations = task_cfg.get('rotations', DEFAULTS['rotations'])
+        if rotations not in ROTATION_MODES:
+            raise PretextConfigError(f'rotation: rotations must be one of {ROTATION_MODES}, got {rotations!r}')
+        check_crop_scale('rotation', task_cfg, DEFAULTS['crop_scale'])
+        check_probabilities('rotation', task_cfg, DEFAULTS, 'flip_p', 'head_dropout')
+        config_number('rotation', task_cfg, 'head_hidden', DEFAULTS['head_hidden'], int)
+
     def __init__(self, backbone, task_cfg, num_images, image_size, seed=0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         d = DEFAULTS
@@ -67,14 +77,6 @@ class RotationPrediction(ClassificationPretext):
         self.rotations = str(self.cfg('rotations', d['rotations']))
         hidden = int(self.cfg('head_hidden', d['head_hidden']))
         dropout = float(self.cfg('head_dropout', d['head_dropout']))
-        if self.rotations not in ROTATION_MODES:
-            raise PretextConfigError(f'rotation: rotations must be one of {ROTATION_MODES}, got {self.rotations!r}')
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise PretextConfigError(
-                f'rotation: crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}')
-        for key, value in (('flip_p', self.flip_p), ('head_dropout', dropout)):
-            if not 0.0 <= value <= 1.0:
-                raise PretextConfigError(f'rotation: {key} must be in [0, 1], got {value}')
         if hidden > 0:
             self.head = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.BatchNorm1d(hidden),
                                       nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 4))

@@ -39,7 +39,7 @@ from .augment import (
     random_resized_crop,
     to_float_nchw,
 )
-from .base import PretextTask
+from .base import PretextTask, check_crop_scale, config_number
 from .errors import PretextConfigError
 from .registry import register_task
 
@@ -79,6 +79,17 @@ class SwAVTask(PretextTask):
 
     name = 'swav'
 
+    @classmethod
+    def check_config(cls, task_cfg: dict, image_size: int) -> None:
+        super().check_config(task_cfg, image_size)
+        global_crops = config_number('swav', task_cfg, 'global_crops', 2, int)
+        local_crops = config_number('swav', task_cfg, 'local_crops', 6, int)
+        if global_crops < 2 or local_crops < 0:
+            raise PretextConfigError(f'swav: needs global_crops >= 2 and local_crops >= 0, got '
+                                     f'{global_crops} and {local_crops}')
+        check_crop_scale('swav', task_cfg, (0.14, 1.0), 'global_scale')
+        check_crop_scale('swav', task_cfg, (0.05, 0.14), 'local_scale')
+
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         import mmpretrain.models  # noqa: F401  (registers SwAV and its parts)
@@ -87,9 +98,6 @@ class SwAVTask(PretextTask):
         batch_size = int(self.cfg('batch_size', 64))
         self.global_crops = int(self.cfg('global_crops', 2))
         self.local_crops = int(self.cfg('local_crops', 6))
-        if self.global_crops < 2 or self.local_crops < 0:
-            raise PretextConfigError(f'swav: needs global_crops >= 2 and local_crops >= 0, got '
-                                     f'{self.global_crops} and {self.local_crops}')
         self.global_scale = tuple(self.cfg('global_scale', (0.14, 1.0)))
         self.local_scale = tuple(self.cfg('local_scale', (0.05, 0.14)))
         self.local_size = swav_local_size(self.image_size, self.cfg('local_size'))
