@@ -18,7 +18,6 @@ images, nearest neighbour) or from a folder matched to the images by file-name s
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -323,15 +322,6 @@ def report_dict(result: AttentionResult, inputs: AttentionInputs, model: dict, t
         'skipped': result.skipped,
         'notes': list(inputs.notes),
     }
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temporary file in the same folder, then rename over ``path``."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as handle:
-        json.dump(obj, handle, indent=2, allow_nan=False)
-        handle.write('\n')
-    os.replace(tmp, path)
 
 
 # -- overlay grid -----------------------------------------------------------------------------------------------

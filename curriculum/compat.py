@@ -15,6 +15,8 @@ import pickle
 import torch
 from mmengine.runner import CheckpointLoader, Runner
 
+from benchmarks.files import temporary_name
+
 from . import faults
 from .errors import CheckpointError
 
@@ -27,11 +29,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 22), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def temporary_name(path: str) -> str:
-    """A temporary name beside ``path``, unique to this process (concurrent writers never share one)."""
-    return f'{path}.{os.getpid()}.tmp'
 
 
 def _write_sidecar(path: str, digest: str) -> None:

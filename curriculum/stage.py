@@ -22,13 +22,14 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch.utils.data import DataLoader
 
+from benchmarks import files
+from benchmarks.files import temporary_name
 from pretext_tasks.base import initial_backbone
 from pretext_tasks.data import IndexedImages, collate_batch
 from pretext_tasks.registry import build_task
 
 from . import faults
-from .compat import (SIDECAR_SUFFIX, EngineRunner, atomic_torch_save, install, is_trusted, load_checkpoint_file,
-                     temporary_name)
+from .compat import SIDECAR_SUFFIX, EngineRunner, atomic_torch_save, install, is_trusted, load_checkpoint_file
 from .errors import CheckpointError, PlanError
 from .precision import Precision, apply_precision, optim_wrapper_type, resolve_precision
 
@@ -44,12 +45,8 @@ def unwrap(model):
 
 
 def write_json_atomic(path: str, data) -> None:
-    """Write JSON under a temporary name (unique to this process), then rename: readers never see half a file."""
-    tmp = temporary_name(path)
-    with open(tmp, 'w') as handle:
-        json.dump(data, handle, indent=2, default=float)
-    faults.point('json_write')
-    os.replace(tmp, path)
+    """:func:`benchmarks.files.write_json_atomic` with the engine's ``json_write`` fault point before the rename."""
+    files.write_json_atomic(path, data, before_replace=lambda: faults.point('json_write'))
 
 
 def tidy_stage_dir(stage_dir: str) -> None:

@@ -3,8 +3,8 @@ Shenzhen overlay grid through the CLI, and the CLI's one-line errors."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,17 +19,11 @@ from benchmarks.attention import (AttentionInputs, analyse, inputs_from_dataset,
                                   roi_score)
 from benchmarks.datasets import load_dataset
 from benchmarks.metrics import t_quantile
+from tool_loader import load_tool, tool_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, '..', 'shared', 'data')
-TOOL = os.path.join(REPO, 'tools', 'attention.py')
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location('attention_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TOOL = tool_path('attention')
 
 
 class QuadrantBackbone(nn.Module):
@@ -194,7 +188,7 @@ def test_shenzhen_overlay_grid_renders(tmp_path, capsys):
     work_dir = tmp_path / 'run'
     work_dir.mkdir()
     write_tiny_run(str(work_dir))
-    tool = load_tool()
+    tool = load_tool('attention')
     code = tool.main(['--work-dir', str(work_dir), '--data-root', shenzhen, '--masks',
                       os.path.join(shenzhen, 'masks'), '--device', 'cpu', '--grid-images', '4'])
     out = capsys.readouterr().out
@@ -220,7 +214,18 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f'error: work dir not found: {missing}']
 
-    tool = load_tool()
+    tool = load_tool('attention')
     assert tool.main(['--work-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'finetuned.pth' in err[0] and '--protocols finetune' in err[0]
+
+
+def test_attention_keeps_a_result_json_with_nan_metrics_and_leaves_no_temporary_file(tmp_path):
+    """The engine writes undefined metrics as NaN; adding the attention summary must keep them (it raised before)."""
+    tool = load_tool('attention')
+    result = {'order': ['moco'], 'downstream': {'linear': {'balanced_accuracy': 0.5, 'auc': float('nan')}}}
+    (tmp_path / 'result.json').write_text(json.dumps(result))
+    assert tool.update_result(str(tmp_path), {'mean': 0.4, 'ci': [0.3, 0.5]})
+    stored = json.loads((tmp_path / 'result.json').read_text())
+    assert math.isnan(stored['downstream']['linear']['auc']) and stored['attention']['mean'] == 0.4
+    assert sorted(os.listdir(tmp_path)) == ['result.json']

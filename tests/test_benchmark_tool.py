@@ -6,7 +6,6 @@ The end-to-end tests are marked ``slow`` (still run in CI). The quick run takes 
 machine; the timeouts are generous because a shared machine can be several times slower."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,15 @@ import sys
 
 import pytest
 
+from tool_loader import load_tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ('relloc', 'rotation', 'moco', 'swav', 'odc')
 PROTOCOLS = ('linear', 'knn', 'finetune')
 
 
 def _benchmark_tool():
-    spec = importlib.util.spec_from_file_location('benchmark_tool', os.path.join(REPO, 'tools', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('benchmark')
 
 
 @pytest.fixture(scope='module')

@@ -8,8 +8,8 @@ Needs ``W/finetuned.pth`` (written when the run used ``--protocols finetune``). 
 dataset (from ``W/result.json``) unless ``--dataset`` is given; ``--masks DIR`` takes masks from a folder matched by
 file-name stem, and without ``--dataset`` the images are read directly from the ``--data-root`` folder (or its
 ``images/`` subfolder), e.g. the Shenzhen mini set. Writes ``<out>/attention.json`` and ``<out>/attention_grid.png``
-(default out: ``W/attention``) and adds ``"attention"`` (mean, CI, dataset) to ``W/result.json``. The results store
-(SQLite) is not updated. Bad input exits with code 2 and one line on stderr.
+(default out: ``W/attention``) and adds ``"attention"`` (mean, CI, dataset) to ``W/result.json`` and to the run's
+record in the results store (when it has one). Bad input exits with code 2 and one line on stderr.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def dataset_source(args, result: dict | None) -> tuple[str, str | None, dict]:
 
 def update_result(work_dir: str, summary: dict) -> bool:
     """Add ``summary`` as ``"attention"`` to ``work_dir/result.json`` (atomic rewrite); False when there is none."""
-    from benchmarks.attention import write_json_atomic
+    from benchmarks.files import write_json_atomic
 
     path = os.path.join(work_dir, RESULT)
     result = read_result(work_dir)
@@ -130,7 +130,8 @@ def update_result(work_dir: str, summary: dict) -> bool:
 
 def run(args) -> int:
     from benchmarks.attention import (AttentionError, analyse, inputs_from_dataset, inputs_from_folder,
-                                      render_grid, report_dict, write_json_atomic)
+                                      render_grid, report_dict)
+    from benchmarks.files import write_json_atomic
     from curriculum.errors import CheckpointError
 
     work_dir = args.work_dir
