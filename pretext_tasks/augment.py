@@ -14,8 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from benchmarks.pixels import normalize, to_unit_float  # noqa: F401  (normalize: used by the tasks through this module)
 
 
 def _uniform(shape, low: float, high: float, generator: torch.Generator, device) -> torch.Tensor:
@@ -28,16 +27,7 @@ def _bernoulli(batch: int, p: float, generator: torch.Generator, device) -> torc
 
 def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, H, W, C)`` → float ``(B, 3, H, W)`` in [0, 1]; grayscale (C=1) is repeated to 3 channels."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return to_unit_float(images).contiguous(memory_format=torch.channels_last)
 
 
 def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, scale=(0.2, 1.0),

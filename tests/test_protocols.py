@@ -167,3 +167,14 @@ def test_unknown_protocol_errors(backbone, single_label):
     with pytest.raises(ValueError, match='epochs'):
         evaluate(backbone, single_label, ['knn'], epochs={'finetuning': 3})
     assert set(PROTOCOLS) == {'linear', 'finetune', 'knn'}
+
+
+def test_pretraining_and_evaluation_share_one_pixel_contract():
+    """A backbone is evaluated on inputs made exactly as its pretext task made them (RGB and grayscale)."""
+    from benchmarks.protocols.features import to_model_input
+    from pretext_tasks.augment import normalize, to_float_nchw
+
+    generator = torch.Generator().manual_seed(0)
+    for channels in (3, 1):
+        images = torch.randint(0, 256, (4, 8, 8, channels), dtype=torch.uint8, generator=generator)
+        assert torch.equal(to_model_input(images), normalize(to_float_nchw(images)))

@@ -13,7 +13,7 @@ import yaml
 
 from pretext_tasks import PretextConfigError, build_task
 from pretext_tasks import relloc
-from pretext_tasks.augment import IMAGENET_MEAN, IMAGENET_STD
+from benchmarks.pixels import IMAGENET_MEAN, IMAGENET_STD
 from pretext_tasks.relloc import (CENTRE_CELL, DEFAULTS, NEIGHBOUR_CELLS, crop_patches, grid_geometry,
                                   patch_layout)
 

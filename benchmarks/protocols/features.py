@@ -14,20 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from ..pixels import normalize, to_unit_float
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """``(N, H, W, C)`` uint8 (C = 1 or 3) → ``(N, 3, H, W)`` float32, scaled to [0, 1] and ImageNet-normalised."""
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f'expected (N, H, W, 1|3) images, got {tuple(images.shape)}')
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """``(N, H, W, C)`` uint8 (C = 1 or 3) → ``(N, 3, H, W)`` float32, scaled to [0, 1] and ImageNet-normalised
+    (:mod:`benchmarks.pixels`, the same contract the pretext tasks train with)."""
+    return normalize(to_unit_float(images))
 
 
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
