@@ -277,3 +277,14 @@ def test_fault_points_are_inert_unless_asked_and_traced_when_asked(tmp_path, mon
     faults.point('json_write')
     faults.point('json_write')
     assert [line.split()[0] for line in trace.read_text().splitlines()] == ['json_write', 'json_write']
+
+
+def test_stage_key_depends_on_the_search_settings_only_when_a_search_runs():
+    from curriculum.cache import stage_key
+
+    def key(search):
+        return stage_key(None, 'moco', {'lr': 0.03, 'epochs': 5}, search, 0, 'data', 64, {'type': 'ResNet'}, 'cpu')
+
+    assert key({'trials': 0, 'trial_fraction': 0.2}) == key({'trials': 0, 'trial_fraction': 8, 'sampler': 'tpe'})
+    assert key({'trials': 3, 'trial_fraction': 0.2}) != key({'trials': 3, 'trial_fraction': 8})
+    assert key({'trials': 0}) != key({'trials': 3})
