@@ -200,6 +200,17 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
             outcome['noise_repeat_score'] = float(repeat)
     outcome['discriminates'] = (None if outcome['spread'] is None or outcome['noise'] is None
                                 else bool(outcome['spread'] > outcome['noise']))
+    outcome['chosen_by'] = 'best trial'
+    if outcome['discriminates'] is False and search_cfg.get('when_noisy', 'default_lr') == 'default_lr':
+        # the trials' ranking is within the noise of one trial: the recipe's LR is a better guess than the
+        # "best" of them (which a repeat with another seed could reorder)
+        outcome['best_trial_lr'] = outcome['lr']
+        outcome['lr'] = float(cfg['lr'])
+        outcome['chosen_by'] = (f"the recipe's lr: trial spread {outcome['spread']:.4g} <= noise "
+                                f"{outcome['noise']:.4g}")
+        logger.warning('%s: the LR trials do not discriminate (spread %.4g <= noise %.4g); training with the '
+                       "recipe's lr %g rather than the best trial's %g", task_name, outcome['spread'],
+                       outcome['noise'], outcome['lr'], outcome['best_trial_lr'])
     return outcome
 
 

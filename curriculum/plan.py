@@ -194,6 +194,8 @@ def validate_config(config: dict) -> None:
         raise PlanError(f'lr_search.sampler must be stratified, tpe or random, got {search.get("sampler")!r}')
     if search.get('pruner', 'median') not in ('median', 'none'):
         raise PlanError(f'lr_search.pruner must be median or none, got {search.get("pruner")!r}')
+    if search.get('when_noisy', 'default_lr') not in ('default_lr', 'best_trial'):
+        raise PlanError(f'lr_search.when_noisy must be default_lr or best_trial, got {search.get("when_noisy")!r}')
     _positive_number(search.get('reports', 2), 'lr_search.reports', integer=True)
     _positive_number(search.get('val_images', 256), 'lr_search.val_images', integer=True)
     evaluation = config.get('evaluation') or {}

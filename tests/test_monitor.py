@@ -89,14 +89,21 @@ def test_a_run_records_the_monitor_and_the_lr_search_spread_and_noise(tmp_path):
                                 'dataset_options.num_images': 480, 'tasks.rotation.batch_size': 32,
                                 'evaluation.protocols': ['knn'], 'monitor.max_images': 200,
                                 'backbone': SMALL_BACKBONE})
-    result = run_curriculum(build_plan('rotation', config), str(tmp_path / 'run'), str(tmp_path),
-                            f'sqlite:///{tmp_path}/results.db')
+    plan = build_plan('rotation', config)
+    result = run_curriculum(plan, str(tmp_path / 'run'), str(tmp_path), f'sqlite:///{tmp_path}/results.db')
     stage = result['stages'][0]
     search = stage['lr_search']
     assert search['objective'] == 'knn'                      # auto: the data has labels
     assert search['spread'] is not None and search['spread'] >= 0
     assert search['noise'] is not None and search['noise'] >= 0
     assert search['discriminates'] == (search['spread'] > search['noise'])
+    best = max((t for t in search['trials'] if t['state'] == 'complete'), key=lambda t: t['score'])
+    if search['discriminates']:
+        assert search['chosen_by'] == 'best trial' and stage['lr'] == pytest.approx(best['lr'])
+    else:   # when_noisy: default_lr — the recipe's lr, the best trial's kept for the record
+        assert search['chosen_by'].startswith("the recipe's lr: trial spread")
+        assert stage['lr'] == pytest.approx(plan.stages[0].cfg['lr'])
+        assert search['best_trial_lr'] == pytest.approx(best['lr'])
     assert stage['monitor']['epochs'] == [0, 1]
     assert result['precision']['used'] in ('fp32', 'bf16')
 
