@@ -91,3 +91,19 @@ def test_pneumoniamnist_npz():
     assert np.bincount(records.labels[records.split == 'val']).tolist() == [135, 389]
     assert np.bincount(records.labels[records.split == 'test']).tolist() == [234, 390]
     assert records.source.decode(0).shape == (28, 28, 1)
+
+
+def test_synthetic_derm_lesions_are_as_large_as_ham10000_lesions():
+    """The built-in dermoscopy set sizes its lesions like real dermoscopy: the quartiles and the 90th percentile of
+    the lesion's share of the image match HAM10000's segmentation masks (every 10th of them) within 0.05."""
+    from PIL import Image
+
+    from benchmarks.datasets import synthetic
+
+    folder = shared_path('ham10000', 'masks')
+    names = sorted(os.listdir(folder))[::10]
+    real = [(np.asarray(Image.open(os.path.join(folder, name)).convert('L')) > 127).mean() for name in names]
+    generated = synthetic.generate_derm(synthetic.DEFAULT_NUM_IMAGES, 64, 0)['masks'].mean(axis=(1, 2))
+    levels = (25, 50, 75, 90)
+    assert np.allclose(np.percentile(generated, levels), np.percentile(real, levels), atol=0.05), \
+        (np.percentile(generated, levels), np.percentile(real, levels))

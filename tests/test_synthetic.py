@@ -164,7 +164,7 @@ def test_groups_hold_one_to_three_views_of_one_case(generate):
 def test_derm_masks_cover_the_lesion():
     data = synthetic.generate_derm(240, 64, 3)
     images, masks, labels = data['images'].astype(np.float32), data['masks'], data['labels']
-    assert masks.any(axis=(1, 2)).all() and (masks.mean(axis=(1, 2)) < 0.8).all()
+    assert masks.any(axis=(1, 2)).all() and (masks.mean(axis=(1, 2)) < 1.0).all() and np.median(masks.mean(axis=(1, 2))) < 0.3
     yy, xx = np.mgrid[:64, :64]
     centre = np.hypot(yy - 31.5, xx - 31.5) < 29  # leaves out most of the dermatoscope frame
     differs, darker = [], []

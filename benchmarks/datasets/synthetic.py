@@ -4,9 +4,9 @@
     Dermoscopy-like RGB images in ISIC-2019's eight diagnostic classes (MEL, NV, BCC, AK, BKL, DF, VASC, SCC).
     The class shows in lesion shape (round / asymmetric), border (sharp / blurred / notched), colour pattern
     (pigment network, dots and globules, blue-grey regions, red lacunae, white scar or keratin centre, vessels) and
-    texture (cerebriform ridges, scale). Every image also varies in nuisances: skin tone, lesion size, position and
-    rotation, vignetting and dermatoscope frame, hair, ruler ticks, white balance / hue / brightness and JPEG-like
-    block quantisation. Like real dermoscopy the camera frame has an orientation (light from above, rulers mostly at
+    texture (cerebriform ridges, scale). Every image also varies in nuisances: skin tone, lesion size (as large in
+    the frame as HAM10000's lesions, see ``_LESION_SCALE``), position and rotation, vignetting and dermatoscope
+    frame, hair, ruler ticks, white balance / hue / brightness and JPEG-like block quantisation. Like real dermoscopy the camera frame has an orientation (light from above, rulers mostly at
     the bottom, field of view set a little low), so rotation prediction has something to learn. Class palettes
     overlap and the colour of every image is randomised, so the mean colour of an image says little about its class:
     structure matters. ROI mask: the lesion.
@@ -42,7 +42,7 @@ from .errors import DatasetError
 from .registry import register_dataset
 
 #: bump whenever generated pixels, labels, groups or masks change (part of the cache key and the fingerprint)
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: random-stream ids of the two generators (kept apart from the version so that a bump alone changes no image)
 _DERM_STREAM, _CXR_STREAM = (1, 1), (1, 2)
 
@@ -362,6 +362,12 @@ _DERM_RECIPE = {
     'ridges':       (0.00, 0.00, 0.00, 0.00, 0.85, 0.00, 0.00, 0.00),  # cerebriform fissures
     'scale':        (0.00, 0.00, 0.10, 0.70, 0.25, 0.00, 0.00, 0.60),  # scaly, keratotic surface
 }
+#: lesion size: the class radii above times this scale, times a log-normal spread per lesion. Set (generator v3) so
+#: that the lesion's share of the image matches HAM10000's segmentation masks (measured on every 10th mask: quartiles
+#: 0.12 / 0.23 / 0.37, 90th percentile 0.52; generated, 2400 images: 0.14 / 0.22 / 0.36, 0.54). Version 2's lesions
+#: were about 1.6x smaller in area (median 0.14), so background nuisances dominated pooled features: a random
+#: ResNet-18's kNN balanced accuracy was 0.265 on whole images vs 0.461 on lesion crops (v3: 0.315 whole images).
+_LESION_SCALE, _LESION_SPREAD = 1.25, 0.30
 _DERM_ALWAYS = {'radius', 'irregular', 'notch', 'soft', 'soft_var', 'variegation', 'centre_dark', 'net_atypical'}
 _DERM_NOISES = ('variegation', 'blue_grey', 'red_region', 'vessels', 'ridges', 'warp_u', 'warp_v', 'scale',
                 'white', 'cluster')
@@ -386,7 +392,7 @@ def _derm_parameters(rng: np.random.Generator, num_images: int, size: int) -> di
             present = rng.random(lesions) < 0.85
             leak = (rng.random(lesions) < 0.05) * rng.uniform(0.1, 0.35, lesions)
             lp[name] = np.where(base > 0, base * present * rng.uniform(0.7, 1.25, lesions), leak)
-    lp['radius'] = np.asarray(_DERM_RECIPE['radius'])[cls] * np.exp(rng.normal(0, 0.22, lesions))
+    lp['radius'] = np.asarray(_DERM_RECIPE['radius'])[cls] * _LESION_SCALE * np.exp(rng.normal(0, _LESION_SPREAD, lesions))
     # NV: either reticular (network) or globular (dots) pattern
     nv = cls == DERM_CLASSES.index('NV')
     globular = nv & (rng.random(lesions) < 0.45)
