@@ -1,4 +1,5 @@
-"""Files written so that a reader never sees half of one: the one atomic JSON writer of the project.
+"""Where the project keeps its cache, and files written so that a reader never sees half of one (the one atomic
+JSON writer of the project).
 
 A file is written under a temporary name unique to the writing process, then renamed over its final name
 (``os.replace`` is atomic on one file system). JSON is written as the engine has always written ``result.json``:
@@ -9,6 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+
+
+def default_cache_dir() -> str:
+    """``$CURRICULUM_SSL_CACHE`` or ``~/.cache/curriculum_ssl``."""
+    return os.environ.get('CURRICULUM_SSL_CACHE',
+                          os.path.join(os.path.expanduser('~'), '.cache', 'curriculum_ssl'))
 
 
 def temporary_name(path: str) -> str:

@@ -19,6 +19,8 @@ import inspect
 import os
 import sys
 
+import yaml
+
 from pretext_tasks.registry import TASKS
 
 from .errors import PlanError
@@ -54,10 +56,24 @@ def _task_module_options(task_class) -> set[str]:
     return names
 
 
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise PlanError(f'config file not found: {path}')
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise PlanError(f'{path}: invalid YAML ({str(exc).splitlines()[0]})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PlanError(f'{path}: expected a mapping at the top level')
+    return data
+
+
 @functools.lru_cache(maxsize=None)
-def _schema(config_dir: str) -> dict:
+def _schema(config_dir: str, protocols: tuple[str, ...]) -> dict:
     """The nested dict of known keys (values: sub-schemas, or None for a leaf)."""
-    from .plan import KNOWN_PROTOCOLS, read_yaml
 
     def shape(value):
         if isinstance(value, dict):
@@ -67,7 +83,7 @@ def _schema(config_dir: str) -> dict:
     schema = shape(read_yaml(os.path.join(config_dir, 'default.yaml')))
     schema.update(TOOL_SECTIONS)
     evaluation = schema.setdefault('evaluation', {}) or {}
-    evaluation['epochs'] = {name: None for name in KNOWN_PROTOCOLS}   # a budget per downstream protocol
+    evaluation['epochs'] = {name: None for name in protocols}   # a budget per downstream protocol
     schema['evaluation'] = evaluation
     tasks = {}
     for name, task_class in TASKS.items():
@@ -123,9 +139,10 @@ def _suggestion(path: tuple[str, ...], schema: dict) -> str | None:
     return '.'.join(fixed)
 
 
-def check_config_keys(config: dict, config_dir: str) -> None:
-    """PlanError naming the first unknown key of ``config`` (and the closest known one)."""
-    schema = _schema(config_dir)
+def check_config_keys(config: dict, config_dir: str, protocols: tuple[str, ...]) -> None:
+    """PlanError naming the first unknown key of ``config`` (and the closest known one); ``protocols`` are the
+    downstream protocols (each may have an ``evaluation.epochs`` budget)."""
+    schema = _schema(config_dir, tuple(protocols))
     path = _unknown(config, schema, ())
     if path is None:
         return

@@ -12,11 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from pretext_tasks.errors import PretextError
 from pretext_tasks.registry import TASKS
 
+from .config_schema import check_config_keys, read_yaml
 from .errors import PlanError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -24,21 +23,6 @@ DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'default.yaml')
 NO_PRETRAINING = 'none'
 KNOWN_PROTOCOLS = ('linear', 'finetune', 'knn')
 STAGE_KEYS_REQUIRED = ('epochs', 'batch_size', 'lr', 'lr_range', 'optimizer')
-
-
-def read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise PlanError(f'config file not found: {path}')
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        raise PlanError(f'{path}: invalid YAML ({str(exc).splitlines()[0]})') from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise PlanError(f'{path}: expected a mapping at the top level')
-    return data
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -69,13 +53,12 @@ def load_config(path: str | None = None, options: dict[str, Any] | None = None) 
     """The default config, merged with a user config file (which may hold only some keys) and overrides. A key
     the schema does not know (a typo) is a PlanError naming it and the closest known key
     (:mod:`curriculum.config_schema`)."""
-    from .config_schema import check_config_keys
 
     config = read_yaml(DEFAULT_CONFIG)
     if path and os.path.abspath(path) != os.path.abspath(DEFAULT_CONFIG):
         config = deep_merge(config, read_yaml(path))
     config = apply_dotted(config, options or {})
-    check_config_keys(config, CONFIG_DIR)
+    check_config_keys(config, CONFIG_DIR, KNOWN_PROTOCOLS)
     return config
 
 

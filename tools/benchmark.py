@@ -92,6 +92,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+def leaderboard_main():
+    """``main`` of ``tools/leaderboard.py`` (the sweep section measures that very command)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'leaderboard.py')
+    spec = importlib.util.spec_from_file_location('_bench_leaderboard_tool', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def tasks_with_recipes(preference) -> list[str]:
     from curriculum.plan import CONFIG_DIR
 
@@ -131,9 +142,9 @@ def peer_ratio(ours: dict, peer: dict, name: str = 'peer') -> dict:
 def measure_all(args, settings: dict, command: str) -> dict:
     import torch
 
-    from benchmarks import speed
-    from benchmarks.speed_lightly import lightly_factory
-    from benchmarks.speed_peer import peer_factory, peer_png_folder
+    from curriculum.perf import speed
+    from curriculum.perf.speed_lightly import lightly_factory
+    from curriculum.perf.speed_peer import peer_factory, peer_png_folder
     import pretext_tasks  # noqa: F401  (registers the tasks)
 
     device, quick = args.device, args.quick
@@ -191,7 +202,7 @@ def measure_all(args, settings: dict, command: str) -> dict:
 
     if 'downstream' in only:
         def downstream():
-            from benchmarks.speed_downstream import measure_downstream
+            from curriculum.perf.speed_downstream import measure_downstream
 
             cfg = settings['downstream']
             out['downstream'] = {**measure_downstream(cfg['image_size'], cfg['num_images'], device,
@@ -206,19 +217,19 @@ def measure_all(args, settings: dict, command: str) -> dict:
 
     if 'sweep' in only:
         def sweep():
-            from benchmarks.speed_sweep import measure_sweep
+            from curriculum.perf.speed_sweep import measure_sweep
 
             sweep_cfg = settings['sweep']
             tasks = ([t.strip() for t in args.sweep_tasks.split(',')] if args.sweep_tasks
                      else tasks_with_recipes(SWEEP_PREFERENCE)[:sweep_cfg['tasks']])
             out['sweep'] = {**measure_sweep(tasks, min(sweep_cfg['max_len'], len(tasks)), sweep_cfg['image_size'],
-                                            sweep_cfg['num_images'], sweep_cfg['epochs'],
+                                            sweep_cfg['num_images'], leaderboard_main(), sweep_cfg['epochs'],
                                             batch_size=sweep_cfg.get('batch_size')), 'meta': meta()}
         run_section('sweep', out, errors, sweep)
 
     if 'lr_search_fraction' in only:
         def lr_fraction():
-            from benchmarks.speed_sweep import measure_lr_search_fraction
+            from curriculum.perf.speed_sweep import measure_lr_search_fraction
 
             available = tasks_with_recipes((args.lr_task,) + LR_PREFERENCE)
             task = available[0] if available else args.lr_task
@@ -635,7 +646,7 @@ def main(argv=None) -> int:
                                        f'{"-quick" if args.quick else ""}')
     os.makedirs(out_dir, exist_ok=True)
     command = 'python tools/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    from benchmarks.speed import quiet_logs
+    from curriculum.perf.speed import quiet_logs
 
     with quiet_logs():
         out = measure_all(args, settings, command.strip())

@@ -13,15 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from ..files import default_cache_dir
 from .base import ImageSource
 
 CACHE_VERSION = 1
-
-
-def default_cache_dir() -> str:
-    """``$CURRICULUM_SSL_CACHE`` or ``~/.cache/curriculum_ssl``."""
-    return os.environ.get('CURRICULUM_SSL_CACHE',
-                          os.path.join(os.path.expanduser('~'), '.cache', 'curriculum_ssl'))
 
 
 def resize_uint8(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:

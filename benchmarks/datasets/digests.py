@@ -19,6 +19,8 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from ..files import default_cache_dir
+
 MEMO_FILE = 'file_digests.sqlite'
 #: paths per memo query: well under SQLite's limit on bound parameters (999 in builds before 3.32)
 QUERY_CHUNK = 500
@@ -34,8 +36,6 @@ def _digest_of_file(path: str) -> str:
 
 def _memo_path(memo_dir: str | None) -> str:
     if memo_dir is None:
-        from .cache import default_cache_dir  # cache imports base, which imports this module
-
         memo_dir = default_cache_dir()
     return os.path.join(memo_dir, MEMO_FILE)
 

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from .base import ArrayImageSource, ImageRecords
-from .cache import default_cache_dir
+from ..files import default_cache_dir
 from .errors import DatasetError
 from .registry import register_dataset
 

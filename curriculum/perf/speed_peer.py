@@ -203,7 +203,7 @@ class PeerTraining(LoaderCycle):
         return sum(process_cpu_seconds(worker.pid) for worker in workers)
 
     def result(self, flops_per_step: float, timing: dict, steps: int, warmup: int, rates, profiled) -> dict:
-        """This side's numbers from its blocks of :func:`benchmarks.speed.alternating_blocks` (fp32: the configs
+        """This side's numbers from its blocks of :func:`curriculum.perf.speed.alternating_blocks` (fp32: the configs
         train without autocast)."""
         return peer_side_result(self, flops_per_step, timing, steps, warmup, rates, profiled, used='fp32', extra={
             'collate': 'mmengine default_collate (as the config)',
@@ -270,7 +270,7 @@ def compare_with_peer(kind: str, images: np.ndarray, png_dir: str, matmul_flops_
                       seed: int = 0, variants=()) -> tuple[dict, dict]:
     """Our task and mmpretrain's own pipeline for ``kind`` ('moco' / 'swav'), measured side by side: after the
     warm-up, ``rounds`` alternating blocks of ``steps`` steps each (ours, then the peer's), so slow changes in the
-    machine's load hit both alike (:func:`benchmarks.speed.measure_task`). Returns (ours, peer) result dicts."""
+    machine's load hit both alike (:func:`curriculum.perf.speed.measure_task`). Returns (ours, peer) result dicts."""
     ours, peers, errors = measure_task(kind, images, matmul_flops_per_s, device, batch_size, warmup, steps, rounds,
                                        profile, seed, variants=variants,
                                        peers={'peer': peer_factory(kind, png_dir, batch_size, device, seed)})
@@ -280,7 +280,7 @@ def compare_with_peer(kind: str, images: np.ndarray, png_dir: str, matmul_flops_
 
 
 def peer_factory(kind: str, png_dir: str, batch_size: int, device: str = 'cpu', seed: int = 0):
-    """A :func:`benchmarks.speed.measure_task` peer factory: mmpretrain's pipeline sized from our task."""
+    """A :func:`curriculum.perf.speed.measure_task` peer factory: mmpretrain's pipeline sized from our task."""
     def build(ours):
         return PeerTraining(kind, ours.task, png_dir, batch_size, device, seed, lr=float(ours.cfg['lr']))
     return build

@@ -130,7 +130,7 @@ def lightly_transform(kind: str, task):
 
 class LightlyTraining(LoaderCycle):
     """A lightly user's MoCo v2 / SwAV training loop for one algorithm, stepped by hand; sized from our
-    :class:`benchmarks.speed.OurTraining` ``ours`` (its task, recipe and resolved precision)."""
+    :class:`curriculum.perf.speed.OurTraining` ``ours`` (its task, recipe and resolved precision)."""
 
     def __init__(self, kind: str, ours, images: np.ndarray, batch_size: int, device: str = 'cpu', seed: int = 0,
                  num_workers: int | None = None):
@@ -247,7 +247,7 @@ class LightlyTraining(LoaderCycle):
 
 
 def lightly_factory(kind: str, images: np.ndarray, batch_size: int, device: str = 'cpu', seed: int = 0):
-    """A :func:`benchmarks.speed.measure_task` peer factory for the lightly user's loop (import errors surface
+    """A :func:`curriculum.perf.speed.measure_task` peer factory for the lightly user's loop (import errors surface
     when it is called, so the benchmark records them and goes on without this peer)."""
     def build(ours):
         return LightlyTraining(kind, ours, images, batch_size, device, seed)

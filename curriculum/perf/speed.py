@@ -1,9 +1,9 @@
 """Speed measurements of the engine: the device's FLOP ceiling, our pretext training steps, k-means.
 
 Used by ``tools/benchmark.py`` (which also measures mmpretrain's own MoCo/SwAV pipelines with
-:mod:`benchmarks.speed_peer`, a lightly user's MoCo/SwAV loop with :mod:`benchmarks.speed_lightly`, the downstream
-protocols with :mod:`benchmarks.speed_downstream` and the sweep cache / LR-search cost with
-:mod:`benchmarks.speed_sweep`).
+:mod:`curriculum.perf.speed_peer`, a lightly user's MoCo/SwAV loop with :mod:`curriculum.perf.speed_lightly`, the
+downstream protocols with :mod:`curriculum.perf.speed_downstream` and the sweep cache / LR-search cost with
+:mod:`curriculum.perf.speed_sweep`).
 
 What "our training step" means here: a DataLoader over :class:`pretext_tasks.data.IndexedImages` built by the stage
 runner's own ``curriculum.stage._loader``, the task built by ``curriculum.stage.build_stage_task`` in the precision

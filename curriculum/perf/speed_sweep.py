@@ -16,23 +16,12 @@ The LR-search share reads ``lr_search_seconds`` and ``train_seconds`` from the `
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
 import shutil
 import tempfile
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _leaderboard_module():
-    path = os.path.join(REPO, 'tools', 'leaderboard.py')
-    spec = importlib.util.spec_from_file_location('_bench_leaderboard_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _overrides(image_size: int, num_images: int, epochs: int, protocols: str, lr_trials: int,
@@ -54,17 +43,17 @@ def _stage_stats(results: list[dict]) -> dict:
             'result_seconds': sum(float(r.get('seconds') or 0.0) for r in results)}
 
 
-def sweep_with_cache(tasks: list[str], max_len: int, work_root: str, overrides: dict) -> dict:
-    """``tools/leaderboard.py`` over all orderings in one work root."""
+def sweep_with_cache(tasks: list[str], max_len: int, work_root: str, overrides: dict, leaderboard_main) -> dict:
+    """``tools/leaderboard.py`` (its ``main``, handed in by the tool that measures: the engine does not import its
+    command-line tools) over all orderings in one work root."""
     from curriculum.results import default_results_url, load_runs
 
-    module = _leaderboard_module()
     argv = ['--tasks', ','.join(tasks), '--max-len', str(max_len), '--work-root', work_root, '--quiet',
             '--out', os.path.join(work_root, 'leaderboard'), '--cfg-options']
     argv += [f'{key}={json.dumps(value)}' for key, value in overrides.items()]
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        code = module.main(argv)
+        code = leaderboard_main(argv)
     seconds = time.perf_counter() - started
     if code:
         raise RuntimeError(f'tools/leaderboard.py exited with {code}')
@@ -91,8 +80,8 @@ def sweep_without_cache(tasks: list[str], max_len: int, scratch: str, overrides:
             **_stage_stats(results)}
 
 
-def measure_sweep(tasks: list[str], max_len: int, image_size: int, num_images: int, epochs: int = 1,
-                  protocols: str = 'knn', batch_size: int | None = None) -> dict:
+def measure_sweep(tasks: list[str], max_len: int, image_size: int, num_images: int, leaderboard_main,
+                  epochs: int = 1, protocols: str = 'knn', batch_size: int | None = None) -> dict:
     """Stage runs and seconds of a full leaderboard sweep with the prefix cache versus without it."""
     from curriculum.leaderboard import all_orderings, distinct_prefixes
     from benchmarks.datasets import load_dataset
@@ -104,7 +93,7 @@ def measure_sweep(tasks: list[str], max_len: int, image_size: int, num_images: i
     scratch = tempfile.mkdtemp(prefix='bench-sweep-')
     try:
         without = sweep_without_cache(tasks, max_len, os.path.join(scratch, 'nocache'), overrides)
-        cached = sweep_with_cache(tasks, max_len, os.path.join(scratch, 'cache'), overrides)
+        cached = sweep_with_cache(tasks, max_len, os.path.join(scratch, 'cache'), overrides, leaderboard_main)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
