@@ -6,6 +6,13 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+def task_names() -> list[str]:
+    """The registered pretext tasks (imports the task package: every task file registers itself)."""
+    from pretext_tasks import task_names as registered
+
+    return registered()
+
+
 def add_run_arguments(parser) -> None:
     """The flags shared by run_curriculum.py and leaderboard.py (everything but --order/--seed/--work-dir/--init)."""
     parser.add_argument('--config', default=None, help='YAML config merged over configs/default.yaml')

@@ -71,8 +71,21 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def recipe_path(task: str, config_dir: str) -> str:
+    """A task's recipe: ``<config_dir>/tasks/<task>.yaml``, or else the YAML beside the task's own file
+    (``<module>.yaml``, for a task kept outside this repository); the first path when neither exists."""
+    shipped = os.path.join(config_dir, 'tasks', f'{task}.yaml')
+    task_class = TASKS.get(task)
+    module = sys.modules.get(task_class.__module__) if task_class is not None else None
+    beside = os.path.splitext(os.path.abspath(module.__file__))[0] + '.yaml' \
+        if module is not None and getattr(module, '__file__', None) else None
+    if not os.path.isfile(shipped) and beside and os.path.isfile(beside):
+        return beside
+    return shipped
+
+
 @functools.lru_cache(maxsize=None)
-def _schema(config_dir: str, protocols: tuple[str, ...]) -> dict:
+def _schema(config_dir: str, protocols: tuple[str, ...], tasks: tuple[str, ...]) -> dict:
     """The nested dict of known keys (values: sub-schemas, or None for a leaf)."""
 
     def shape(value):
@@ -87,7 +100,7 @@ def _schema(config_dir: str, protocols: tuple[str, ...]) -> dict:
     schema['evaluation'] = evaluation
     tasks = {}
     for name, task_class in TASKS.items():
-        recipe = os.path.join(config_dir, 'tasks', f'{name}.yaml')
+        recipe = recipe_path(name, config_dir)
         keys = shape(read_yaml(recipe)) if os.path.isfile(recipe) else {}
         for option in _task_module_options(task_class) | set(ENGINE_TASK_OPTIONS):
             keys.setdefault(option, None)
@@ -142,7 +155,7 @@ def _suggestion(path: tuple[str, ...], schema: dict) -> str | None:
 def check_config_keys(config: dict, config_dir: str, protocols: tuple[str, ...]) -> None:
     """PlanError naming the first unknown key of ``config`` (and the closest known one); ``protocols`` are the
     downstream protocols (each may have an ``evaluation.epochs`` budget)."""
-    schema = _schema(config_dir, tuple(protocols))
+    schema = _schema(config_dir, tuple(protocols), tuple(sorted(TASKS)))  # a task registered later: new schema
     path = _unknown(config, schema, ())
     if path is None:
         return

@@ -15,7 +15,7 @@ from typing import Any
 from pretext_tasks.errors import PretextError
 from pretext_tasks.registry import TASKS
 
-from .config_schema import check_config_keys, read_yaml
+from .config_schema import check_config_keys, read_yaml, recipe_path
 from .errors import PlanError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -64,7 +64,7 @@ def load_config(path: str | None = None, options: dict[str, Any] | None = None) 
 
 def task_recipe(task: str) -> dict:
     """``configs/tasks/<task>.yaml``."""
-    return read_yaml(os.path.join(CONFIG_DIR, 'tasks', f'{task}.yaml'))
+    return read_yaml(recipe_path(task, CONFIG_DIR))
 
 
 @dataclass
@@ -125,7 +125,7 @@ def resolve_stage(task: str, config: dict) -> StagePlan:
         cfg['epochs'] = config['epochs']
     missing = [key for key in STAGE_KEYS_REQUIRED if key not in cfg]
     if missing:
-        raise PlanError(f'configs/tasks/{task}.yaml lacks key(s) {", ".join(missing)}')
+        raise PlanError(f'{recipe_path(task, CONFIG_DIR)} lacks key(s) {", ".join(missing)}')
     _positive_number(cfg['epochs'], f'{task}: epochs', integer=True)
     cfg['epochs'] = int(cfg['epochs'])
     batch = _positive_number(cfg['batch_size'], f'{task}: batch_size', integer=True)

@@ -213,6 +213,12 @@ class PretextTask(BaseModel):
         e.g. ``pretext_acc``, are only logged). ``images`` is uint8 ``(B, H, W, C)`` on the model's device."""
         raise NotImplementedError
 
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator):
+        """The augmented network inputs of one training batch of uint8 ``(B, H, W, C)`` images (views, crops or
+        patches, with their labels where the task makes labels), drawn from ``generator``. Public so that tools can
+        time or show a task's augmentation without knowing the task."""
+        raise NotImplementedError
+
     def hooks(self) -> list:
         """Extra mmengine hooks this task needs during its stage (e.g. ODC's memory, SwAV's queue)."""
         return []

@@ -137,7 +137,8 @@ class MoCoTask(PretextTask):
         view = gaussian_blur(view, generator, p=0.5)
         return normalize(view)
 
-    def _views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The query and key views of every image."""
         x = to_float_nchw(images)
         return [self._view(x, generator) for _ in range(2)]
 
@@ -147,13 +148,13 @@ class MoCoTask(PretextTask):
         if self.queue_len % batch:
             raise PretextConfigError(f'moco: batch of {batch} does not divide the queue length {self.queue_len} '
                                      f'(use drop_last and a batch size dividing it)')
-        losses = self.algorithm.loss(self._views(images, generator), None)
+        losses = self.algorithm.loss(self.make_inputs(images, generator), None)
         return {'loss': losses['loss'], 'pretext_acc': self.algorithm.head.last_top1}
 
     @torch.no_grad()
     def evaluation_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """InfoNCE of q against k and the current queue; no enqueue and no momentum update."""
-        view_q, view_k = self._views(images, generator)
+        view_q, view_k = self.make_inputs(images, generator)
         algorithm = self.algorithm
         q = nn.functional.normalize(algorithm.neck(algorithm.backbone(view_q))[0], dim=1)
         k = nn.functional.normalize(algorithm.encoder_k(view_k)[0], dim=1)

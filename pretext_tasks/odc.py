@@ -219,7 +219,7 @@ class ODC(PretextTask):
             weight[rows] = fresh.to(weight.dtype)
         bias[rows] = 0
 
-    def _view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One training view: random resized crop + flip, colour jitter, random grayscale, normalisation."""
         x = augment.to_float_nchw(images)
         scale = tuple(self.cfg('crop_scale', (0.2, 1.0)))
@@ -311,7 +311,7 @@ class ODC(PretextTask):
     def compute_loss(self, images, indices, generator):
         self._require_initialised()
         indices = indices.to(self.memory_labels.device, torch.long)
-        z = self._embed(self._view(images, generator))
+        z = self._embed(self.make_inputs(images, generator))
         logits = self.head(z).float()
         targets = self.memory_labels[indices]
         loss = F.cross_entropy(logits, targets, weight=self.class_weights())
@@ -432,7 +432,7 @@ class ODC(PretextTask):
         with torch.no_grad():
             clean = F.normalize(self._embed(self._clean(images)).float(), dim=1)
             targets = (clean @ self.centroids.T).argmax(dim=1)
-            logits = self.head(self._embed(self._view(images, generator))).float()
+            logits = self.head(self._embed(self.make_inputs(images, generator))).float()
             return F.cross_entropy(logits, targets, weight=self.class_weights())
 
     # -- hooks --------------------------------------------------------------------------------------------------

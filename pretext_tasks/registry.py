@@ -18,6 +18,11 @@ def register_task(cls: type) -> type:
     return cls
 
 
+def task_names() -> list[str]:
+    """The registered task names, sorted (every tool's list of tasks comes from here)."""
+    return sorted(TASKS)
+
+
 def get_task_class(name: str) -> type:
     if name not in TASKS:
         raise UnknownTaskError(f'unknown pretext task {name!r}; known: {", ".join(sorted(TASKS))}')

@@ -180,7 +180,7 @@ class RelativeLocation(ClassificationPretext):
             self.head = nn.Linear(in_dim, 8)
 
     # -- the pretext problem ---------------------------------------------------------------------------------
-    def make_patches(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(B, H, W, C)`` → normalised patches ``(B·9, 3, s, s)`` (image-major, cells row-major) and the
         neighbour labels ``(B·8,)`` for the (centre, neighbour) pairs in the same image-major order."""
         x = to_float_nchw(images)
@@ -198,7 +198,7 @@ class RelativeLocation(ClassificationPretext):
 
     def logits_and_labels(self, images: torch.Tensor,
                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        patches, labels = self.make_patches(images, generator)
+        patches, labels = self.make_inputs(images, generator)
         feats = pool_last(self.backbone(patches)).view(images.shape[0], 9, -1)
         centre = feats[:, CENTRE_CELL:CENTRE_CELL + 1].expand(-1, 8, -1)
         neighbours = torch.cat([feats[:, :CENTRE_CELL], feats[:, CENTRE_CELL + 1:]], dim=1)

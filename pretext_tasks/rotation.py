@@ -83,7 +83,7 @@ class RotationPrediction(ClassificationPretext):
         else:
             self.head = nn.Linear(self.feature_dim, 4)
 
-    def make_views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(B, H, W, C)`` → normalised rotated views and their labels (see :func:`rotate_with_labels`)."""
         x = to_float_nchw(images)
         # crop + flip first: the flip is folded into the crop's sampling grid, then the exact rot90
@@ -93,5 +93,5 @@ class RotationPrediction(ClassificationPretext):
 
     def logits_and_labels(self, images: torch.Tensor,
                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        views, labels = self.make_views(images, generator)
+        views, labels = self.make_inputs(images, generator)
         return self.head(pool_last(self.backbone(views))), labels

@@ -140,7 +140,7 @@ class SwAVTask(PretextTask):
         return self.iteration < self.freeze_prototypes_iters
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _crops(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def make_inputs(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         x = to_float_nchw(images)
         local_reference = max(8, round(224 * self.local_size / self.image_size))
         crops = [swav_view(x, self.image_size, generator, self.global_scale, 224, self.color_strength)
@@ -157,7 +157,7 @@ class SwAVTask(PretextTask):
         self.prototypes.weight.requires_grad_(not self.prototypes_frozen())
         self.loss_module.queue = self.feature_queue if self.queue_active() else None
         self.loss_module.use_queue = False  # re-derived by SwAVLoss: used once the queue is full
-        loss = self.algorithm.loss(self._crops(images, generator), None)['loss']
+        loss = self.algorithm.loss(self.make_inputs(images, generator), None)['loss']
         return {'loss': loss}
 
     @torch.no_grad()
@@ -167,7 +167,7 @@ class SwAVTask(PretextTask):
         weight = self.prototypes.weight.detach().clone()
         queue, self.loss_module.queue = self.loss_module.queue, None
         try:
-            return self.algorithm.loss(self._crops(images, generator), None)['loss']
+            return self.algorithm.loss(self.make_inputs(images, generator), None)['loss']
         finally:
             self.loss_module.queue = queue
             self.prototypes.weight.copy_(weight)

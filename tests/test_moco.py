@@ -78,7 +78,7 @@ def test_queue_update_and_wraparound():
         # recompute the keys: same augmentations (generator seeded by the iteration), key encoder as it was used
         # (the optimiser step changes only the online encoder; BN uses batch statistics in train mode)
         with torch.no_grad():
-            _, view_k = task._views(batch, task.generator(batch.device))
+            _, view_k = task.make_inputs(batch, task.generator(batch.device))
             keys = torch.nn.functional.normalize(task.algorithm.encoder_k(view_k)[0], dim=1)
         torch.testing.assert_close(task.algorithm.queue[:, ptr:ptr + 8], keys.T, atol=1e-5, rtol=1e-4)
     assert int(task.algorithm.queue_ptr) == 8  # wrapped: 8, 16, 0, 8

@@ -127,7 +127,7 @@ def test_patch_guards_change_patches_per_patch():
     task = build_task('relloc', TINY_BACKBONE, dict(color_drop_p=0.5, grayscale_p=0.5), 10, 64)
     rng = np.random.default_rng(0)
     images = torch.as_tensor(rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
-    patches, _ = task.make_patches(images, torch.Generator().manual_seed(0))
+    patches, _ = task.make_inputs(images, torch.Generator().manual_seed(0))
     raw = patches * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     spread = raw.std(dim=(2, 3))  # per patch, per channel
     gray = (raw[:, 0] - raw[:, 1]).abs().amax(dim=(1, 2)) < 1e-5

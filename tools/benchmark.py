@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--only', default=','.join(SECTIONS),
                         help=f'comma-separated sections to run (of {",".join(SECTIONS)}; pretext includes the '
                              f'precision variants and the peers)')
-    parser.add_argument('--tasks', default='relloc,rotation,moco,swav,odc', help='pretext tasks to measure')
+    parser.add_argument('--tasks', default=None, help='pretext tasks to measure (default: every registered task)')
     parser.add_argument('--sweep-tasks', default=None,
                         help=f'comma-separated tasks of the sweep; when unset, the first {FULL["sweep"]["tasks"]} '
                              f'({QUICK["sweep"]["tasks"]} with --quick) of {",".join(SWEEP_PREFERENCE)} that have '
@@ -104,9 +104,12 @@ def leaderboard_main():
 
 
 def tasks_with_recipes(preference) -> list[str]:
+    from curriculum.cli import task_names
+    from curriculum.config_schema import recipe_path
     from curriculum.plan import CONFIG_DIR
 
-    return [t for t in preference if os.path.isfile(os.path.join(CONFIG_DIR, 'tasks', f'{t}.yaml'))]
+    ordered = list(preference) + [t for t in task_names() if t not in preference]   # new tasks last
+    return [t for t in ordered if os.path.isfile(recipe_path(t, CONFIG_DIR))]
 
 
 def pretext_images(settings: dict):
@@ -170,7 +173,9 @@ def measure_all(args, settings: dict, command: str) -> dict:
         png_dir = None
         common = dict(device=device, batch_size=settings['batch_size'], warmup=settings['warmup'],
                       steps=settings['steps'], rounds=settings['rounds'], profile=settings['profile'])
-        for task in [t.strip() for t in args.tasks.split(',') if t.strip()]:
+        from curriculum.cli import task_names
+
+        for task in [t.strip() for t in (args.tasks or ','.join(task_names())).split(',') if t.strip()]:
             def one(task=task):
                 nonlocal png_dir
                 entry_meta = meta()

@@ -17,13 +17,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, parse_seeds  # noqa: E402  (light imports only)
+from curriculum.cli import add_run_arguments, config_overrides, parse_seeds, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--tasks', default='relloc,rotation,moco,swav,odc', help='comma-separated pretext tasks')
+    parser.add_argument('--tasks', default=','.join(task_names()), help='comma-separated pretext tasks')
     parser.add_argument('--seeds', default='0', help='comma-separated seeds')
     parser.add_argument('--out', default=None, help='output folder (default docs/budget/<dataset>-<size>px)')
     add_run_arguments(parser)

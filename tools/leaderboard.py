@@ -17,13 +17,14 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides  # noqa: E402  (light imports only)
+from curriculum.cli import add_run_arguments, config_overrides, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--tasks', default=None, help='comma-separated pretext tasks to order')
+    parser.add_argument('--tasks', default=None,
+                        help=f'comma-separated pretext tasks to order (of {", ".join(task_names())})')
     parser.add_argument('--max-len', type=int, default=None, help='longest ordering (default: all tasks)')
     parser.add_argument('--orders', nargs='+', default=None, metavar='ORDER',
                         help='explicit orderings instead of --tasks/--max-len (each comma-separated)')

@@ -15,14 +15,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides  # noqa: E402  (light imports only)
+from curriculum.cli import add_run_arguments, config_overrides, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--order', default='odc,moco',
-                        help='comma-separated pretext tasks (relloc, rotation, moco, swav, odc); none = no pretraining')
+                        help=f'comma-separated pretext tasks ({", ".join(task_names())}); none = no pretraining')
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--work-dir', default=None, help='run folder (default <work-root>/<order>)')
     parser.add_argument('--init', default=None, help='start from a local weights file (loaded weights-only)')

@@ -42,10 +42,6 @@ IMAGE_SIZE = 64
 BATCH_SIZE = 64
 #: conv / matrix-product kernels: the operations FlopCounterMode counts (forward and backward)
 FLOP_KERNEL_PATTERN = re.compile(r'conv|(^|::|_)(mm|addmm|bmm|matmul|linear|baddbmm)($|_|\b)|einsum', re.I)
-TASKS = ('relloc', 'rotation', 'moco', 'swav', 'odc')
-#: each task's view-making method (uint8 batch, generator) -> views, timed alone as "augmentation"
-VIEW_METHODS = {'rotation': 'make_views', 'relloc': 'make_patches', 'moco': '_views', 'swav': '_crops',
-                'odc': '_view'}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,11 +293,13 @@ class OurTraining:
         return values
 
     def augmentation_seconds(self, repeats: int = 2) -> float | None:
-        """Seconds per batch of the task's view making alone (best of ``repeats``), or None when the task has no
-        known view method."""
-        method = getattr(self.task, VIEW_METHODS.get(self.task_name, ''), None)
-        if method is None:
+        """Seconds per batch of the task's view making alone (:meth:`PretextTask.make_inputs`, best of
+        ``repeats``), or None when the task does not offer it."""
+        from pretext_tasks.base import PretextTask
+
+        if type(self.task).make_inputs is PretextTask.make_inputs:
             return None
+        method = self.task.make_inputs
         images = next(self.batches)['inputs']['images'].to(self.device)
         best = float('inf')
         with torch.no_grad():
