@@ -1,6 +1,7 @@
 """Small command-line helpers shared by the tools: one-line errors, progress output, the summary table."""
 from __future__ import annotations
 
+import os
 import sys
 
 EXIT_USER_ERROR = 2
@@ -47,6 +48,36 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(seed < 0 for seed in seeds):
         raise ValueError(f'--seeds must be non-negative integers, got {text!r}')
     return seeds
+
+
+def study_inputs(args, what: str) -> tuple[list[str], list[int]]:
+    """The pretext tasks (``--tasks``) and seeds (``--seeds``) of a tool that trains each task alone for ``--epochs``
+    (budget curves, the LR check); a PlanError / ValueError naming the flag otherwise. ``what``: what the epochs
+    are the length of, for the message."""
+    from .errors import PlanError
+
+    if args.epochs is None:
+        raise PlanError(f'--epochs is required: the length of {what}')
+    seeds = parse_seeds(args.seeds)
+    tasks = [task.strip() for task in args.tasks.split(',') if task.strip()]
+    if not tasks or 'none' in tasks:
+        raise PlanError('--tasks needs at least one pretext task (and not "none")')
+    return tasks, seeds
+
+
+def report_header(tool: str, argv) -> dict:
+    """The provenance of a tool's report: its command line, the date (UTC) and the machine (CPU model, CPU count,
+    torch version and threads)."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    from .precision import cpu_model
+
+    return {'command': f'python tools/{tool}.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+            'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            'machine': f'{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
+                       f'{torch.get_num_threads()} threads'}
 
 
 def config_overrides(args) -> dict:

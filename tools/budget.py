@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, parse_seeds, task_names  # noqa: E402
+from curriculum.cli import add_run_arguments, config_overrides, report_header, study_inputs, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,16 +36,11 @@ def main(argv=None) -> int:
     if args.device == 'cpu':
         os.environ['CUDA_VISIBLE_DEVICES'] = ''
     from curriculum.cli import fail
-    from curriculum.errors import USER_ERRORS, PlanError
+    from curriculum.errors import USER_ERRORS
     from curriculum.plan import build_plan, load_config
 
     try:
-        if args.epochs is None:
-            raise PlanError('--epochs is required: the length of every curve')
-        seeds = parse_seeds(args.seeds)
-        tasks = [task.strip() for task in args.tasks.split(',') if task.strip()]
-        if not tasks or 'none' in tasks:
-            raise PlanError('--tasks needs at least one pretext task (and not "none")')
+        tasks, seeds = study_inputs(args, 'every curve')
         options = config_overrides(args)
         options.setdefault('lr_search.trials', 0)
         options.update({'evaluation.protocols': [], 'monitor.knn': True})
@@ -56,10 +51,6 @@ def main(argv=None) -> int:
     from curriculum import budget
     from curriculum.results import default_results_url
     from curriculum.run import run_curriculum
-    import torch
-
-    from curriculum.precision import cpu_model
-
     config = next(iter(plans.values())).config
     out_dir = args.out or os.path.join('docs', 'budget', f'{config["dataset"]}-{config["image_size"]}px')
     results_url = args.results or default_results_url(args.work_root)
@@ -78,10 +69,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail(exc)
     report = {
-        'command': 'python tools/budget.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-        'date': budget.now_iso(),
-        'machine': f'{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
-                   f'{torch.get_num_threads()} threads',
+        **report_header('budget', argv),
         'precision': precision,
         'settings': {'dataset': config['dataset'], 'data_root': config.get('data_root'),
                      'image_size': config['image_size'], 'epochs': int(args.epochs), 'seeds': seeds, 'tasks': tasks,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, task_names  # noqa: E402
+from curriculum.cli import add_run_arguments, config_overrides, parse_seeds, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,11 +68,9 @@ def build_jobs(args) -> list[dict]:
             raise PlanError(f'--max-len must be at least 1, got {max_len}')
         orderings = all_orderings(tasks, max_len)
     try:
-        seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
-    except ValueError:
-        raise PlanError(f'--seeds must be comma-separated integers, got {args.seeds!r}') from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise PlanError(f'--seeds must list non-negative integers, got {args.seeds!r}')
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     baselines = [b.strip() for b in (args.baselines or '').split(',') if b.strip()]
     for base in baselines:
         if base != 'none' and not os.path.isfile(base):

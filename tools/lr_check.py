@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, parse_seeds  # noqa: E402  (light imports only)
+from curriculum.cli import add_run_arguments, config_overrides, report_header, study_inputs  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,12 +44,7 @@ def main(argv=None) -> int:
     from curriculum.plan import build_plan, load_config
 
     try:
-        if args.epochs is None:
-            raise PlanError('--epochs is required: the length of every stage of the check')
-        seeds = parse_seeds(args.seeds)
-        tasks = [task.strip() for task in args.tasks.split(',') if task.strip()]
-        if not tasks or 'none' in tasks:
-            raise PlanError('--tasks needs at least one pretext task (and not "none")')
+        tasks, seeds = study_inputs(args, 'every stage of the check')
         options = config_overrides(args)
         options.update({'evaluation.protocols': ['knn'], 'monitor.knn': True})
         base = load_config(args.config, options)
@@ -72,10 +67,6 @@ def main(argv=None) -> int:
                                                                                     {**options, 'seed': seed}))
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
-    import torch
-
-    from curriculum import budget
-    from curriculum.precision import cpu_model
     from curriculum.results import default_results_url
     from curriculum.run import run_curriculum
 
@@ -95,10 +86,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         return fail(exc)
     report = {
-        'command': 'python tools/lr_check.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-        'date': budget.now_iso(),
-        'machine': f'{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
-                   f'{torch.get_num_threads()} threads',
+        **report_header('lr_check', argv),
         'precision': precision,
         'settings': {'dataset': base['dataset'], 'data_root': base.get('data_root'), 'image_size': base['image_size'],
                      'epochs': int(args.epochs), 'seeds': seeds, 'tasks': tasks, 'lr_search': base['lr_search']},
