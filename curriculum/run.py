@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -140,14 +141,31 @@ def final_backbone(backbone_cfg: dict, backbone_file: str | None, seed: int) -> 
     return backbone
 
 
-def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: str, init_path: str | None = None,
-                   optuna_storage: str | None = None, progress=None) -> dict:
-    """Execute ``plan``; write ``<work_dir>/result.json`` and one record in the results store; return the result.
+@dataclass
+class RunContext:
+    """What every step of one run reads: the checked config, the data, the stage inputs and where things go."""
+    plan: RunPlan
+    config: dict
+    device: str
+    seed: int
+    storage: str                      # Optuna storage of the LR studies
+    pretext: object                   # benchmarks.datasets.PreparedDataset
+    downstream_data: object
+    evaluation: dict
+    monitor: KnnMonitor | None
+    monitor_every: int
+    inputs: StageInputs
+    precision: str                    # the stage-key part for numerics
+    search_cfg: dict
+    init_path: str | None
+    init_state: dict | None
 
-    Everything the run needs is checked first (:mod:`curriculum.preflight`: folders, stores, ``--init``, the
-    downstream labels, batch sizes) and nothing is written before those checks pass; the work dir itself is made
-    only when the result is written."""
-    started = time.time()
+
+def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str | None,
+                optuna_storage: str | None, work_dir: str) -> RunContext:
+    """Every check before any compute (:mod:`curriculum.preflight`: folders, stores, ``--init``, the downstream
+    labels, batch sizes, the monitor's labels), then the data and the stage inputs. Writes nothing but the work
+    root folder."""
     config = plan.config
     device = resolve_device(config['device'])
     seed = int(config['seed'])
@@ -173,68 +191,94 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
     precision = precision_key(inputs.precision, inputs.deterministic)
     if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
         precision += f':ws={get_world_size()}'
-    search_cfg = dict(config.get('lr_search') or {})
+    return RunContext(plan=plan, config=config, device=device, seed=seed, storage=storage, pretext=pretext,
+                      downstream_data=downstream_data, evaluation=evaluation, monitor=monitor,
+                      monitor_every=monitor_every, inputs=inputs, precision=precision,
+                      search_cfg=dict(config.get('lr_search') or {}), init_path=init_path, init_state=init_state)
 
+
+def run_stages(ctx: RunContext, work_root: str, progress=None) -> tuple[list[dict], str | None]:
+    """Each planned stage in turn, from the cache or trained (its LR searched first), each starting from the
+    previous stage's backbone file (or ``--init``); returns the stage records and the last backbone file. The
+    scheduler knows stages only by their keys and files, never a task by name."""
     parent_file, parent_key = (None, None)
-    if init_path:
-        parent_file, parent_key = _init_backbone_file(init_path, work_root, init_state)
+    if ctx.init_path:
+        parent_file, parent_key = _init_backbone_file(ctx.init_path, work_root, ctx.init_state)
     stages = []
-    for index, stage in enumerate(plan.stages):
+    for index, stage in enumerate(ctx.plan.stages):
         stage_started = time.time()
-        key = stage_key(parent_key, stage.task, stage.cfg, search_cfg, seed, pretext.fingerprint,
-                        inputs.image_size, inputs.backbone_cfg, precision)
+        key = stage_key(parent_key, stage.task, stage.cfg, ctx.search_cfg, ctx.seed, ctx.pretext.fingerprint,
+                        ctx.inputs.image_size, ctx.inputs.backbone_cfg, ctx.precision)
         directory = stage_dir(work_root, stage.task, key)
         record_path = os.path.join(directory, STAGE_FILE)
         if progress:
-            progress('stage', index + 1, len(plan.stages), {'task': stage.task, 'key': key})
+            progress('stage', index + 1, len(ctx.plan.stages), {'task': stage.task, 'key': key})
         with stage_lock(directory) if get_rank() == 0 else nullcontext():
-            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs,
-                                      search_cfg, storage, monitor, monitor_every, progress, stage_started)
+            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, ctx.inputs,
+                                      ctx.search_cfg, ctx.storage, ctx.monitor, ctx.monitor_every, progress,
+                                      stage_started)
         stages.append(record)
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
-    if get_rank() != 0:
-        return None  # DDP: the other ranks' share ends with the stages; rank 0 evaluates and records
+    return stages, parent_file
 
-    backbone = final_backbone(inputs.backbone_cfg, parent_file, seed)
-    apply_precision(backbone, backbone, inputs.precision)
+
+def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None) -> tuple[dict, object]:
+    """The downstream protocols on the final backbone (or the seed's random initialisation): ``(metrics per
+    protocol, the fine-tuned model or None)``."""
     from benchmarks.protocols import evaluate
 
+    backbone = final_backbone(ctx.inputs.backbone_cfg, backbone_file, ctx.seed)
+    apply_precision(backbone, backbone, ctx.inputs.precision)
+    protocols = list(ctx.evaluation.get('protocols') or [])
     if progress:
-        progress('downstream', 0, len(evaluation.get('protocols') or []), {'dataset': downstream_data.name})
-    downstream = evaluate(backbone, downstream_data, list(evaluation.get('protocols') or []),
-                          label_fraction=float(evaluation.get('label_fraction', 1.0)), seed=seed, device=device,
-                          epochs=evaluation.get('epochs'), batch_size=int(evaluation.get('batch_size', 64)))
+        progress('downstream', 0, len(protocols), {'dataset': ctx.downstream_data.name})
+    downstream = evaluate(backbone, ctx.downstream_data, protocols,
+                          label_fraction=float(ctx.evaluation.get('label_fraction', 1.0)), seed=ctx.seed,
+                          device=ctx.device, epochs=ctx.evaluation.get('epochs'),
+                          batch_size=int(ctx.evaluation.get('batch_size', 64)))
     finetuned = (downstream.get('finetune') or {}).pop('model', None)
     for metrics in downstream.values():
         metrics.pop('model', None)
-    result = {
-        'order': list(plan.order),
-        'dataset': pretext.name,
-        'downstream_dataset': downstream_data.name,
-        'seed': seed,
-        'label_fraction': float(evaluation.get('label_fraction', 1.0)),
-        'image_size': inputs.image_size,
-        'init': os.path.abspath(init_path) if init_path else None,
+    return downstream, finetuned
+
+
+def result_record(ctx: RunContext, stages: list[dict], downstream: dict, started: float, work_root: str,
+                  results_url: str) -> dict:
+    """The run's ``result.json`` content."""
+    config, data = ctx.config, ctx.downstream_data
+    return {
+        'order': list(ctx.plan.order),
+        'dataset': ctx.pretext.name,
+        'downstream_dataset': data.name,
+        'seed': ctx.seed,
+        'label_fraction': float(ctx.evaluation.get('label_fraction', 1.0)),
+        'image_size': ctx.inputs.image_size,
+        'init': os.path.abspath(ctx.init_path) if ctx.init_path else None,
         'stages': [_stage_summary(record) for record in stages],
         'downstream': downstream,
-        'classes': list(downstream_data.class_names),
-        'split': {'origin': downstream_data.split_origin,
-                  **{name: int((downstream_data.split == name).sum()) for name in ('train', 'val', 'test')}},
-        'device': device,
-        'precision': inputs.precision.as_dict(),
+        'classes': list(data.class_names),
+        'split': {'origin': data.split_origin,
+                  **{name: int((data.split == name).sum()) for name in ('train', 'val', 'test')}},
+        'device': ctx.device,
+        'precision': ctx.inputs.precision.as_dict(),
         'seconds': time.time() - started,
         'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'config': config,
         'config_hash': hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12],
         'work_root': os.path.abspath(work_root),
-        'optuna_storage': storage,
+        'optuna_storage': ctx.storage,
         'results_url': _public_url(results_url),
         'versions': versions(),
     }
+
+
+def record_result(ctx: RunContext, result: dict, finetuned, work_dir: str, results_url: str) -> str | None:
+    """Write ``result.json`` (beside the work dir when it cannot take it), the fine-tuned model, one record in the
+    results store and the TensorBoard scalars; returns the result file's path (None when nowhere could take it)."""
     with _work_dir_lock(work_dir):  # two runs in one work dir write, record and rewrite their results in turn
         _remove_temporaries(work_dir)
         if finetuned is not None:  # kept for Grad-CAM / attention analysis (loaded back only by this engine)
-            _save_finetuned(finetuned, inputs.backbone_cfg, list(downstream_data.class_names), work_dir)
+            _save_finetuned(finetuned, ctx.inputs.backbone_cfg, list(ctx.downstream_data.class_names), work_dir)
         path = _write_result(work_dir, result)
         try:
             result['results_id'], stored = store_run(results_url, result)
@@ -249,6 +293,24 @@ def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: st
         _write_tensorboard(work_dir, result)
     except OSError as exc:
         _warn(f'cannot write TensorBoard scalars under {work_dir} ({exc.strerror or exc})')
+    return path
+
+
+def run_curriculum(plan: RunPlan, work_dir: str, work_root: str, results_url: str, init_path: str | None = None,
+                   optuna_storage: str | None = None, progress=None) -> dict:
+    """Execute ``plan``; write ``<work_dir>/result.json`` and one record in the results store; return the result.
+
+    Everything the run needs is checked first and nothing is written before those checks pass
+    (:func:`prepare_run`); the work dir itself is made only when the result is written. Under DDP every rank
+    trains the stages and rank 0 alone evaluates and records (the others return None)."""
+    started = time.time()
+    ctx = prepare_run(plan, work_root, results_url, init_path, optuna_storage, work_dir)
+    stages, backbone_file = run_stages(ctx, work_root, progress)
+    if get_rank() != 0:
+        return None
+    downstream, finetuned = evaluate_backbone(ctx, backbone_file, progress)
+    result = result_record(ctx, stages, downstream, started, work_root, results_url)
+    path = record_result(ctx, result, finetuned, work_dir, results_url)
     if path:
         result['result_file'] = path  # where it was written (not part of the file itself)
     return result
