@@ -12,7 +12,6 @@ every task of a seed.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -143,7 +142,3 @@ def write_report(out_dir: str, report: dict) -> list[str]:
         handle.write(render_markdown(report))
     render_plot(report, paths[2])
     return paths
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec='seconds')

@@ -79,8 +79,8 @@ class MoCoTask(PretextTask):
             raise PretextConfigError(f'moco: temperature must be positive, got {task_cfg.get("temperature")}')
         if not config_number('moco', task_cfg, 'queue_fraction', 0.5) > 0:
             raise PretextConfigError(f'moco: queue_fraction must be positive, got {task_cfg.get("queue_fraction")}')
-        for key in ('feat_dim', 'batch_size'):
-            if config_number('moco', task_cfg, key, 64, int) < 1:
+        for key, default in (('feat_dim', 128), ('batch_size', 64)):
+            if config_number('moco', task_cfg, key, default, int) < 1:
                 raise PretextConfigError(f'moco: {key} must be a positive integer, got {task_cfg.get(key)}')
         check_crop_scale('moco', task_cfg, (0.2, 1.0))
         config_number('moco', task_cfg, 'color_strength', 1.0)
