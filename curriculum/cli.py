@@ -1,8 +1,12 @@
-"""Small command-line helpers shared by the tools: one-line errors, progress output, the summary table."""
+"""Small command-line helpers shared by the tools: the shared flags and config overrides, the common start of the
+tools that train each task alone (:func:`study_parser`, :func:`study_setup`), one-line errors, progress output, the
+summary table."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 EXIT_USER_ERROR = 2
 
@@ -63,6 +67,72 @@ def study_inputs(args, what: str) -> tuple[list[str], list[int]]:
     if not tasks or 'none' in tasks:
         raise PlanError('--tasks needs at least one pretext task (and not "none")')
     return tasks, seeds
+
+
+def study_parser(description: str, tool: str, tasks: str, seeds: str, seeds_help: str) -> argparse.ArgumentParser:
+    """The flags of a tool that trains each task alone (``tools/<tool>.py``): ``--tasks`` (default ``tasks``),
+    ``--seeds`` (default ``seeds``), ``--out``, the shared run flags, and ``--work-root`` defaulting to
+    ``work_dirs/<tool>``. The tool may add its own flags."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--tasks', default=tasks, help='comma-separated pretext tasks')
+    parser.add_argument('--seeds', default=seeds, help=seeds_help)
+    parser.add_argument('--out', default=None, help=f'output folder (default docs/{tool}/<dataset>-<size>px)')
+    add_run_arguments(parser)
+    parser.set_defaults(work_root=os.path.join('work_dirs', tool))
+    return parser
+
+
+@dataclass
+class Study:
+    """What a tool that trains each task alone works from (made by :func:`study_setup`)."""
+
+    args: argparse.Namespace
+    tasks: list[str]
+    seeds: list[int]
+    #: dotted config overrides: the flags and --cfg-options, then the tool's own
+    options: dict
+    #: the config those overrides give (before any per-seed or per-task override)
+    config: dict
+    out_dir: str
+    results_url: str
+
+    def run(self, plan, name: str) -> dict:
+        """Run one plan in ``<work root>/runs/<name>-amp_<amp>``, its stages cached under the work root."""
+        from .run import run_curriculum
+
+        work_dir = os.path.join(self.args.work_root, 'runs', f'{name}-amp_{plan.config.get("amp")}')
+        return run_curriculum(plan, work_dir, self.args.work_root, self.results_url,
+                              optuna_storage=self.args.optuna_storage)
+
+    def settings(self, **extra) -> dict:
+        """The report's ``settings``: dataset, data root, image size, epochs, seeds and tasks, then ``extra``."""
+        config = self.config
+        return {'dataset': config['dataset'], 'data_root': config.get('data_root'),
+                'image_size': config['image_size'], 'epochs': int(self.args.epochs), 'seeds': self.seeds,
+                'tasks': self.tasks, **extra}
+
+
+def study_setup(args, tool: str, what: str, fixed: dict, defaults: dict | None = None) -> Study:
+    """The common start of a tool that trains each task alone for ``--epochs`` (``tools/budget.py``,
+    ``tools/lr_check.py``): CUDA hidden for ``--device cpu``; the tasks and seeds (:func:`study_inputs`; ``what`` is
+    what the epochs are the length of); the config overrides (the flags and ``--cfg-options``, then ``defaults``
+    where those leave a key unset, then ``fixed``) and the config they give; the output folder (``--out`` or
+    ``docs/<tool>/<dataset>-<size>px``) and the results store (``--results`` or SQLite under ``--work-root``).
+    A PlanError / ValueError names the flag or key at fault."""
+    from .plan import load_config
+    from .results import default_results_url
+
+    if args.device == 'cpu':
+        os.environ['CUDA_VISIBLE_DEVICES'] = ''
+    tasks, seeds = study_inputs(args, what)
+    options = config_overrides(args)
+    for key, value in (defaults or {}).items():
+        options.setdefault(key, value)
+    options.update(fixed)
+    config = load_config(args.config, options)
+    out_dir = args.out or os.path.join('docs', tool, f'{config["dataset"]}-{config["image_size"]}px')
+    return Study(args=args, tasks=tasks, seeds=seeds, options=options, config=config, out_dir=out_dir,
+                 results_url=args.results or default_results_url(args.work_root))
 
 
 def report_header(tool: str, argv) -> dict:

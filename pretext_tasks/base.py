@@ -86,6 +86,16 @@ def config_number(task: str, task_cfg: dict, key: str, default, kind=float):
                                  f'got {value!r}') from None
 
 
+def config_positive(task: str, task_cfg: dict, key: str, default, kind=float):
+    """``task_cfg[key]`` (or ``default``) as a positive ``kind``; a value of another type, zero, a negative value or
+    NaN is a one-line PretextConfigError naming the task and the key."""
+    value = config_number(task, task_cfg, key, default, kind)
+    if not value > 0:
+        raise PretextConfigError(f'{task}: {key} must be a positive {"integer" if kind is int else "number"}, '
+                                 f'got {task_cfg.get(key, default)!r}')
+    return value
+
+
 def check_probabilities(task: str, task_cfg: dict, defaults: dict, *keys: str) -> None:
     """Each of ``keys`` (default from ``defaults``) is a number in [0, 1]."""
     for key in keys:

@@ -6,12 +6,10 @@ is frozen and needs an old mmcv) only runs distributed on CUDA and hard-codes Im
 
 Model: backbone → pooled features → neck (fc-BN-ReLU-[dropout]-fc-ReLU, ODC's ``ODCNeck``; dropout off by default:
 with few iterations its noise relabels most memory rows at every visit) → linear head over the clusters.
-State, all registered buffers (so checkpoints carry them and a resume restores them):
-
-* ``memory_features (num_images, D)``: one L2-normalised neck feature per training image;
-* ``memory_labels (num_images,)``: the image's pseudo-label (cluster);
-* ``centroids (k, D)``: unit-norm cluster centres (spherical: labels are the argmax of cosine similarity);
-* ``initialised``: set once the memory has been filled.
+State: the online cluster memory (:class:`pretext_tasks.cluster_memory.ClusterMemory`, ``self.memory``: one
+L2-normalised neck feature and one pseudo-label per training image, unit-norm centroids, an ``initialised`` flag),
+all registered buffers, saved under the keys they always had (``memory_features``, ``memory_labels``,
+``centroids``, ``initialised``) and readable as attributes of the task.
 
 Life cycle:
 
@@ -54,13 +52,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.dist import all_gather, broadcast, get_world_size
+from mmengine.dist import broadcast, get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from . import augment
-from .base import PretextTask, check_crop_scale, check_probabilities, config_number, pool_last
-from .clustering import kmeans, torch_kmeans
+from .base import PretextTask, check_crop_scale, check_probabilities, config_number, config_positive, pool_last
+from .cluster_memory import ClusterMemory, flat_checkpoint_keys
 from .errors import PretextConfigError
 from .registry import register_task
 
@@ -110,21 +108,9 @@ class ODCNeck(nn.Module):
         return self.layers(x)
 
 
-def _gather_rows(indices: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather (index, feature) rows from every rank (batches may differ in size); a no-op in one process."""
-    if get_world_size() == 1:
-        return indices, features
-    count = torch.tensor([indices.shape[0]], device=features.device)
-    counts = [int(c) for c in all_gather(count)]
-    longest = max(counts)
-    pad = longest - indices.shape[0]
-    if pad:
-        indices = torch.cat([indices, indices.new_zeros(pad)])
-        features = torch.cat([features, features.new_zeros(pad, features.shape[1])])
-    gathered_idx = all_gather(indices)
-    gathered_feat = all_gather(features)
-    return (torch.cat([g[:c] for g, c in zip(gathered_idx, counts)]),
-            torch.cat([g[:c] for g, c in zip(gathered_feat, counts)]))
+def _from_memory(name: str) -> property:
+    """A read-only attribute of the task that is its cluster memory's ``name``."""
+    return property(lambda task: getattr(task.memory, name), doc=f"the cluster memory's ``{name}``")
 
 
 @register_task
@@ -141,15 +127,12 @@ class ODC(PretextTask):
         memory_momentum = config_number('odc', task_cfg, 'memory_momentum', 0.5)
         if not 0.0 <= memory_momentum < 1.0:
             raise PretextConfigError(f'odc: memory_momentum must be in [0, 1), got {memory_momentum}')
-        interval = config_number('odc', task_cfg, 'centroid_update_interval', 10, int)
-        if interval < 1:
-            raise PretextConfigError(f'odc: centroid_update_interval must be >= 1, got {interval}')
+        config_positive('odc', task_cfg, 'centroid_update_interval', 10, int)
         head_init = task_cfg.get('head_init', 'random')
         if head_init not in ('random', 'centroids'):
             raise PretextConfigError(f"odc: head_init must be 'random' or 'centroids', got {head_init!r}")
         for key, default in (('images_per_cluster', 40), ('min_cluster_size', 20), ('kmeans_iters', 20)):
-            if config_number('odc', task_cfg, key, default, int) < 1:
-                raise PretextConfigError(f'odc: {key} must be a positive integer, got {task_cfg.get(key)}')
+            config_positive('odc', task_cfg, key, default, int)
         for key, default in (('reweight_pow', 0.5), ('head_init_scale', 10.0)):
             config_number('odc', task_cfg, key, default)
         check_crop_scale('odc', task_cfg, (0.2, 1.0))
@@ -162,8 +145,6 @@ class ODC(PretextTask):
         if note:
             self._note(note)
         self.num_clusters = k
-        self.min_cluster_size = effective_min_cluster_size(self.num_images, k, self.cfg('min_cluster_size', 20))
-        self.memory_momentum = float(self.cfg('memory_momentum', 0.5))
         self.reweight_pow = float(self.cfg('reweight_pow', 0.5))
         self.centroid_update_interval = int(self.cfg('centroid_update_interval', 10))
         self.kmeans_iters = int(self.cfg('kmeans_iters', 20))
@@ -175,12 +156,20 @@ class ODC(PretextTask):
                             float(self.cfg('neck_dropout', 0.0)), bool(self.cfg('neck_out_relu', True)))
         self.head = nn.Linear(out_dim, k)
         self.memory_dim = out_dim
-        self.register_buffer('memory_features', torch.zeros(self.num_images, out_dim))
-        self.register_buffer('memory_labels', torch.zeros(self.num_images, dtype=torch.long))
-        self.register_buffer('centroids', torch.zeros(k, out_dim))
-        self.register_buffer('initialised', torch.zeros((), dtype=torch.bool))
+        self.memory = ClusterMemory(
+            self.num_images, out_dim, k,
+            min_cluster_size=effective_min_cluster_size(self.num_images, k, self.cfg('min_cluster_size', 20)),
+            momentum=float(self.cfg('memory_momentum', 0.5)), task='odc')
+        flat_checkpoint_keys(self, 'memory')
         self._feature_norm = 1.0
         self.reset_head(scale=0.0)
+
+    # the memory's state, read as attributes of the task
+    memory_features = _from_memory('memory_features')
+    memory_labels = _from_memory('memory_labels')
+    centroids = _from_memory('centroids')
+    initialised = _from_memory('initialised')
+    min_cluster_size = _from_memory('min_cluster_size')
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _note(self, message: str) -> None:
@@ -241,12 +230,10 @@ class ODC(PretextTask):
 
     def class_weights(self) -> torch.Tensor:
         """ODC's loss re-weighting: ``max(count, 1) ** -reweight_pow``, normalised to sum 1."""
-        counts = torch.bincount(self.memory_labels, minlength=self.num_clusters).float()
-        weights = counts.clamp(min=1).pow(-self.reweight_pow)
-        return weights / weights.sum()
+        return self.memory.class_weights(self.reweight_pow)
 
     def cluster_sizes(self) -> torch.Tensor:
-        return torch.bincount(self.memory_labels, minlength=self.num_clusters)
+        return self.memory.cluster_sizes()
 
     def _require_initialised(self) -> None:
         if not bool(self.initialised):
@@ -291,13 +278,8 @@ class ODC(PretextTask):
                                      f'got {len(images)}')
         features = self.extract_memory_features(images, batch_size)
         k = self.num_clusters
-        _, labels = kmeans(features.cpu(), k, iters=self.kmeans_iters, seed=self.seed, spherical=True)
-        self.memory_features.copy_(features)
-        self.memory_labels.copy_(labels.to(self.memory_labels.device))
-        broadcast(self.memory_features, 0)
-        broadcast(self.memory_labels, 0)
-        # centroids of the k-means labels (clusters k-means left empty are re-seeded by update_clusters below)
-        self.centroids.copy_(F.normalize(self._label_means(), dim=1))
+        # clusters k-means leaves empty are re-seeded by update_clusters below
+        self.memory.fill(features, self.kmeans_iters, self.seed)
         self.update_clusters()
         self.reset_head(scale=self.head_init_scale / self._feature_norm)
         self._broadcast_clusters()
@@ -321,94 +303,26 @@ class ODC(PretextTask):
             nonempty = (self.cluster_sizes() > 0).sum().float()
         return {'loss': loss, 'pretext_acc': acc, 'changed_ratio': changed, 'nonempty_clusters': nonempty}
 
-    @torch.no_grad()
     def update_memory(self, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Momentum update of the memory rows ``indices`` (gathered over ranks) and their nearest-centroid labels;
-        returns the share of those rows whose label changed."""
-        indices = indices.to(self.memory_features.device, torch.long)
-        new = F.normalize(features.float().to(self.memory_features.device), dim=1)
-        indices, new = _gather_rows(indices, new)
-        m = self.memory_momentum
-        mixed = F.normalize(m * self.memory_features[indices] + (1 - m) * new, dim=1)
-        self.memory_features[indices] = mixed
-        labels = (mixed @ self.centroids.T).argmax(dim=1)
-        changed = (labels != self.memory_labels[indices]).float().mean()
-        self.memory_labels[indices] = labels
-        return changed
+        """Momentum update of the memory rows ``indices`` and their labels (:meth:`ClusterMemory.update`); returns
+        the share of those rows whose label changed."""
+        return self.memory.update(indices, features)
 
     # -- cluster maintenance ------------------------------------------------------------------------------------
-    def _label_means(self) -> torch.Tensor:
-        """Per-label mean of the memory features; rows of empty clusters are the current centroids."""
-        sums = torch.zeros_like(self.centroids).index_add_(0, self.memory_labels, self.memory_features)
-        counts = self.cluster_sizes()
-        means = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
-        return torch.where((counts > 0).unsqueeze(1), means, self.centroids)
-
-    @torch.no_grad()
     def update_centroids(self) -> None:
         """Centroids = L2-normalised per-label means of the memory (empty clusters keep theirs)."""
-        self.centroids.copy_(F.normalize(self._label_means(), dim=1))
+        self.memory.update_centroids()
 
-    @torch.no_grad()
-    def redistribute_small_clusters(self) -> list[int]:
-        """Move the members of clusters smaller than ``min_cluster_size`` to their nearest other centroid and
-        re-seed every cluster left empty. Returns the re-seeded cluster ids."""
-        sizes = self.cluster_sizes()
-        small = torch.nonzero(sizes < self.min_cluster_size).flatten()
-        if small.numel() == 0:
-            return []
-        if small.numel() == self.num_clusters:  # cannot happen with the sizing rules; keep the largest anyway
-            small = small[small != int(sizes.argmax())]
-        members = torch.isin(self.memory_labels, small)
-        if bool(members.any()):
-            sims = self.memory_features[members] @ self.centroids.T
-            sims[:, small] = -float('inf')
-            self.memory_labels[members] = sims.argmax(dim=1)
-        return self.repair_empty_clusters()
-
-    @torch.no_grad()
     def repair_empty_clusters(self) -> list[int]:
         """Re-seed every empty cluster by splitting the currently largest one in two; returns their ids."""
-        sizes = self.cluster_sizes()
-        empty = torch.nonzero(sizes == 0).flatten().tolist()
-        generator = self._cluster_generator(salt=29)
-        repaired = []
-        for cluster in empty:
-            biggest = int(sizes.argmax())
-            members = torch.nonzero(self.memory_labels == biggest).flatten()
-            if members.numel() < 2:
-                self._note(f'odc: cannot re-seed empty cluster {cluster}: the largest cluster has '
-                           f'{members.numel()} member(s)')
-                break
-            part = self._split(members, generator)
-            self.memory_labels[part] = cluster
-            sizes[biggest] -= part.numel()
-            sizes[cluster] = part.numel()
-            for c in (biggest, cluster):
-                self.centroids[c] = F.normalize(self.memory_features[self.memory_labels == c].mean(0), dim=0)
-            repaired.append(cluster)
-        return repaired
-
-    def _split(self, members: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The members that go to the new cluster: one side of a 2-means split, or a random half if it fails."""
-        feats = self.memory_features[members]
-        try:
-            _, side = torch_kmeans(feats, 2, iters=10, seed=int(torch.randint(2 ** 31 - 1, (1,),
-                                   generator=generator, device=generator.device)), spherical=True)
-        except ValueError:
-            side = torch.zeros(members.numel(), dtype=torch.long, device=members.device)
-        count = int(side.sum())
-        if count == 0 or count == members.numel():
-            order = torch.randperm(members.numel(), generator=generator, device=generator.device)
-            return members[order.to(members.device)[:members.numel() // 2]]
-        return members[side == 1]
+        return self.memory.repair_empty_clusters(self._cluster_generator(salt=29), self._note)
 
     @torch.no_grad()
     def update_clusters(self) -> list[int]:
         """Periodic maintenance: centroids from the memory, small-cluster redistribution, empty-cluster repair,
         head rows of re-seeded clusters re-initialised. Returns the re-seeded cluster ids (rank 0's)."""
-        self.update_centroids()
-        reseeded = self.redistribute_small_clusters()
+        self.memory.update_centroids()
+        reseeded = self.memory.redistribute_small_clusters(self._cluster_generator(salt=29), self._note)
         if reseeded:
             self.reset_head(reseeded)
         self._broadcast_clusters()
@@ -420,7 +334,8 @@ class ODC(PretextTask):
         return reseeded
 
     def _broadcast_clusters(self) -> None:
-        for tensor in (self.memory_labels, self.centroids, self.head.weight.data, self.head.bias.data):
+        self.memory.broadcast_clusters()
+        for tensor in (self.head.weight.data, self.head.bias.data):
             broadcast(tensor, 0)
 
     # -- validation ---------------------------------------------------------------------------------------------
@@ -431,7 +346,7 @@ class ODC(PretextTask):
             return torch.tensor(math.log(self.num_clusters))
         with torch.no_grad():
             clean = F.normalize(self._embed(self._clean(images)).float(), dim=1)
-            targets = (clean @ self.centroids.T).argmax(dim=1)
+            targets = self.memory.nearest_centroid(clean)
             logits = self.head(self._embed(self.make_inputs(images, generator))).float()
             return F.cross_entropy(logits, targets, weight=self.class_weights())
 

@@ -1,6 +1,6 @@
 """Smoke test of ``tools/benchmark.py --quick``: it runs end to end and writes the documented JSON keys and a
-Markdown table; and unit tests of its goal evaluation on hand-made numbers. No timing assertions (the numbers
-depend on the machine and its load).
+Markdown table; and unit tests of its goal evaluation (:mod:`curriculum.perf.goals`) on hand-made numbers. No timing
+assertions (the numbers depend on the machine and its load).
 
 The end-to-end tests are marked ``slow`` (still run in CI). The quick run takes about a minute on a quiet 2-core
 machine; the timeouts are generous because a shared machine can be several times slower."""
@@ -13,15 +13,11 @@ import sys
 
 import pytest
 
-from tool_loader import load_tool
+from curriculum.perf.goals import evaluate_goals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ('relloc', 'rotation', 'moco', 'swav', 'odc')
 PROTOCOLS = ('linear', 'knn', 'finetune')
-
-
-def _benchmark_tool():
-    return load_tool('benchmark')
 
 
 @pytest.fixture(scope='module')
@@ -121,8 +117,7 @@ def _hand_made(fraction: float, speedup: float, profile: bool = True) -> dict:
 
 
 def test_goal_missed_is_not_met_even_with_a_profile():
-    tool = _benchmark_tool()
-    goals = {g['goal'].split(' ')[0]: g for g in tool.evaluate_goals(_hand_made(fraction=0.05, speedup=1.0))}
+    goals = {g['goal'].split(' ')[0]: g for g in evaluate_goals(_hand_made(fraction=0.05, speedup=1.0))}
     fraction = goals['pretext.moco.fraction_of_ceiling']
     assert fraction['met'] is False and fraction['explained_by_profile'] is True
     assert 'conv/matmul kernels take 60%' in fraction['limit']
@@ -133,9 +128,26 @@ def test_goal_missed_is_not_met_even_with_a_profile():
 
 
 def test_goal_reached_is_met_with_or_without_a_profile():
-    tool = _benchmark_tool()
     for profile in (True, False):
         goals = {g['goal'].split(' ')[0]: g
-                 for g in tool.evaluate_goals(_hand_made(fraction=0.5, speedup=2.5, profile=profile))}
+                 for g in evaluate_goals(_hand_made(fraction=0.5, speedup=2.5, profile=profile))}
         assert goals['pretext.moco.fraction_of_ceiling']['met'] is True
         assert goals['pretext.moco.speedup_vs_fp32']['met'] is True
+
+
+def test_report_of_a_stored_run_has_a_section_per_measurement_and_every_goal():
+    from curriculum.perf.report import render_markdown
+
+    with open(os.path.join(REPO, 'benchmarks', 'results', '2026-12-02-cpu', 'benchmark.json')) as handle:
+        out = json.load(handle)
+    out['goals'] = evaluate_goals(out)
+    markdown = render_markdown(out)
+    for heading in ('## Ceiling', '## Pretext training steps', "## Ours vs mmpretrain's own pipelines",
+                    "## Ours vs a lightly user's loop", '## Downstream protocols', '## Profiles', '## k-means',
+                    '## Leaderboard sweep', '## LR search share of a stage', '## Goals'):
+        assert heading in markdown
+    assert all(f'| {goal["goal"]} |' in markdown for goal in out['goals'])
+    for table in ('| algorithm | ours images/s | peer images/s |', '| algorithm | ours images/s | lightly images/s |'):
+        head = next(i for i, line in enumerate(markdown.splitlines()) if line.startswith(table))
+        lines = markdown.splitlines()
+        assert lines[head].count('|') == lines[head + 1].count('|') == lines[head + 2].count('|')

@@ -17,50 +17,35 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, report_header, study_inputs, task_names  # noqa: E402
+from curriculum.cli import report_header, study_parser, study_setup, task_names  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--tasks', default=','.join(task_names()), help='comma-separated pretext tasks')
-    parser.add_argument('--seeds', default='0', help='comma-separated seeds')
-    parser.add_argument('--out', default=None, help='output folder (default docs/budget/<dataset>-<size>px)')
-    add_run_arguments(parser)
-    parser.set_defaults(work_root=os.path.join('work_dirs', 'budget'))
+    parser = study_parser(__doc__.split('\n\n')[0], 'budget', tasks=','.join(task_names()), seeds='0',
+                          seeds_help='comma-separated seeds')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == 'cpu':
-        os.environ['CUDA_VISIBLE_DEVICES'] = ''
     from curriculum.cli import fail
     from curriculum.errors import USER_ERRORS
     from curriculum.plan import build_plan, load_config
 
     try:
-        tasks, seeds = study_inputs(args, 'every curve')
-        options = config_overrides(args)
-        options.setdefault('lr_search.trials', 0)
-        options.update({'evaluation.protocols': [], 'monitor.knn': True})
-        plans = {(task, seed): build_plan(task, load_config(args.config, {**options, 'seed': seed}))
-                 for seed in seeds for task in tasks}
+        study = study_setup(args, 'budget', 'every curve', fixed={'evaluation.protocols': [], 'monitor.knn': True},
+                            defaults={'lr_search.trials': 0})
+        plans = {(task, seed): build_plan(task, load_config(args.config, {**study.options, 'seed': seed}))
+                 for seed in study.seeds for task in study.tasks}
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
     from curriculum import budget
-    from curriculum.results import default_results_url
-    from curriculum.run import run_curriculum
-    config = next(iter(plans.values())).config
-    out_dir = args.out or os.path.join('docs', 'budget', f'{config["dataset"]}-{config["image_size"]}px')
-    results_url = args.results or default_results_url(args.work_root)
+    config = study.config
     curves: dict[str, dict[int, dict]] = {}
     precision = None
     try:
         for (task, seed), plan in plans.items():
-            work_dir = os.path.join(args.work_root, 'runs', f'{task}-seed{seed}-amp_{plan.config.get("amp")}')
-            result = run_curriculum(plan, work_dir, args.work_root, results_url,
-                                    optuna_storage=args.optuna_storage)
+            result = study.run(plan, f'{task}-seed{seed}')
             curve = budget.curve_of(result)
             curves.setdefault(task, {})[seed] = curve
             precision = result['precision']['used']
@@ -71,14 +56,13 @@ def main(argv=None) -> int:
     report = {
         **report_header('budget', argv),
         'precision': precision,
-        'settings': {'dataset': config['dataset'], 'data_root': config.get('data_root'),
-                     'image_size': config['image_size'], 'epochs': int(args.epochs), 'seeds': seeds, 'tasks': tasks,
-                     'k': config['monitor'].get('k', 20), 'max_images': config['monitor'].get('max_images', 1000),
-                     'lr_trials': config['lr_search'].get('trials', 0)},
+        'settings': study.settings(k=config['monitor'].get('k', 20),
+                                   max_images=config['monitor'].get('max_images', 1000),
+                                   lr_trials=config['lr_search'].get('trials', 0)),
         'curves': {task: {str(seed): curve for seed, curve in by_seed.items()} for task, by_seed in curves.items()},
         'summary': budget.summarise(curves),
     }
-    for path in budget.write_report(out_dir, report):
+    for path in budget.write_report(study.out_dir, report):
         print(f'written: {path}')
     return 0
 

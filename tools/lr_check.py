@@ -19,35 +19,27 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from curriculum.cli import add_run_arguments, config_overrides, report_header, study_inputs  # noqa: E402
+from curriculum.cli import report_header, study_parser, study_setup  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--tasks', default='moco,odc', help='comma-separated pretext tasks')
-    parser.add_argument('--seeds', default='0,1', help='comma-separated seeds (two or more give a seed spread)')
-    parser.add_argument('--out', default=None, help='output folder (default docs/lr_check/<dataset>-<size>px)')
+    parser = study_parser(__doc__.split('\n\n')[0], 'lr_check', tasks='moco,odc', seeds='0,1',
+                          seeds_help='comma-separated seeds (two or more give a seed spread)')
     parser.add_argument('--fixed-only', action='store_true',
                         help='only the fixed-LR stages (their curves show how long a trial must be); no verdict')
-    add_run_arguments(parser)
-    parser.set_defaults(work_root=os.path.join('work_dirs', 'lr_check'))
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == 'cpu':
-        os.environ['CUDA_VISIBLE_DEVICES'] = ''
     from curriculum.cli import fail
     from curriculum.errors import USER_ERRORS, PlanError
     from curriculum.plan import build_plan, load_config
 
     try:
-        tasks, seeds = study_inputs(args, 'every stage of the check')
-        options = config_overrides(args)
-        options.update({'evaluation.protocols': ['knn'], 'monitor.knn': True})
-        base = load_config(args.config, options)
+        study = study_setup(args, 'lr_check', 'every stage of the check',
+                            fixed={'evaluation.protocols': ['knn'], 'monitor.knn': True})
+        options, base = study.options, study.config
         trials = int(base['lr_search'].get('trials', 0))
         if trials < 2 and not args.fixed_only:
             raise PlanError(f'the check needs an LR search of at least 2 trials, got lr_search.trials={trials}')
@@ -55,29 +47,23 @@ def main(argv=None) -> int:
 
         # every fixed-LR stage first (their monitor curves say how long a trial must be), then the searched ones
         plans = {}
-        for task in tasks:
+        for task in study.tasks:
             recipe = build_plan(task, base).stages[0].cfg
             for label, lr in lr_check.fixed_lrs(recipe['lr_range']).items():
-                for seed in seeds:
+                for seed in study.seeds:
                     plans[task, label, seed] = build_plan(task, load_config(args.config, {
                         **options, 'seed': seed, 'lr_search.trials': 0, f'tasks.{task}.lr': lr}))
-        for task in tasks if not args.fixed_only else []:
-            for seed in seeds:
+        for task in study.tasks if not args.fixed_only else []:
+            for seed in study.seeds:
                 plans[task, lr_check.SEARCHED, seed] = build_plan(task, load_config(args.config,
                                                                                     {**options, 'seed': seed}))
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
-    from curriculum.results import default_results_url
-    from curriculum.run import run_curriculum
-
-    out_dir = args.out or os.path.join('docs', 'lr_check', f'{base["dataset"]}-{base["image_size"]}px')
-    results_url = args.results or default_results_url(args.work_root)
     runs: dict = {}
     precision = None
     try:
         for (task, label, seed), plan in plans.items():
-            work_dir = os.path.join(args.work_root, 'runs', f'{task}-{label}-seed{seed}-amp_{plan.config.get("amp")}')
-            result = run_curriculum(plan, work_dir, args.work_root, results_url, optuna_storage=args.optuna_storage)
+            result = study.run(plan, f'{task}-{label}-seed{seed}')
             record = lr_check.run_record(result)
             runs.setdefault(task, {}).setdefault(label, {})[seed] = record
             precision = result['precision']['used']
@@ -88,13 +74,12 @@ def main(argv=None) -> int:
     report = {
         **report_header('lr_check', argv),
         'precision': precision,
-        'settings': {'dataset': base['dataset'], 'data_root': base.get('data_root'), 'image_size': base['image_size'],
-                     'epochs': int(args.epochs), 'seeds': seeds, 'tasks': tasks, 'lr_search': base['lr_search']},
+        'settings': study.settings(lr_search=base['lr_search']),
         'runs': {task: {label: {str(seed): record for seed, record in by_seed.items()}
                         for label, by_seed in by_label.items()} for task, by_label in runs.items()},
         'summary': lr_check.summarise(runs),
     }
-    for path in lr_check.write_report(out_dir, report):
+    for path in lr_check.write_report(study.out_dir, report):
         print(f'written: {path}')
     return 0
 
