@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from .cli import provenance_lines
 from .stage import write_json_atomic
 
 #: a task "clearly" beats random initialisation at this margin (balanced-accuracy points / 100)
@@ -79,7 +80,7 @@ def summarise(curves: dict[str, dict[int, dict]]) -> dict[str, dict]:
 def render_markdown(report: dict) -> str:
     s = report['settings']
     lines = [f'# Budget curves: {s["dataset"]} at {s["image_size"]} px, {s["epochs"]} epochs', '',
-             f'Command: `{report["command"]}`  ', f'Date: {report["date"]}  ', f'Machine: {report["machine"]}  ',
+             *provenance_lines(report),
              f'Seeds: {", ".join(str(x) for x in s["seeds"])}; precision {report.get("precision", "-")}; kNN '
              f'(k={s["k"]}) balanced accuracy on the val split, labeled memory of at most {s["max_images"]} train '
              'images; epoch 0 = random initialisation (the same backbone for every task of a seed).', '',

@@ -104,6 +104,13 @@ class Study:
         return run_curriculum(plan, work_dir, self.args.work_root, self.results_url,
                               optuna_storage=self.args.optuna_storage)
 
+    def write(self, write_report, report: dict) -> int:
+        """Write ``report`` into the output folder with ``write_report(folder, report)`` (which returns the paths),
+        print each path; the tool's exit status (0)."""
+        for path in write_report(self.out_dir, report):
+            print(f'written: {path}')
+        return 0
+
     def settings(self, **extra) -> dict:
         """The report's ``settings``: dataset, data root, image size, epochs, seeds and tasks, then ``extra``."""
         config = self.config
@@ -148,6 +155,11 @@ def report_header(tool: str, argv) -> dict:
             'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
             'machine': f'{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
                        f'{torch.get_num_threads()} threads'}
+
+
+def provenance_lines(report: dict) -> list[str]:
+    """The Markdown lines (hard line breaks) of a report's :func:`report_header` fields."""
+    return [f'Command: `{report["command"]}`  ', f'Date: {report["date"]}  ', f'Machine: {report["machine"]}  ']
 
 
 def config_overrides(args) -> dict:

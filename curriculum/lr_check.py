@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from .cli import provenance_lines
 from .stage import write_json_atomic
 
 #: the fixed points of the check, as positions in the log range: low end, geometric middle, high end
@@ -98,7 +99,7 @@ def summarise(runs: dict[str, dict[str, dict[int, dict]]]) -> dict:
 def render_markdown(report: dict) -> str:
     s = report['settings']
     lines = [f'# LR-search check: {s["dataset"]} at {s["image_size"]} px, {s["epochs"]} epochs per stage', '',
-             f'Command: `{report["command"]}`  ', f'Date: {report["date"]}  ', f'Machine: {report["machine"]}  ',
+             *provenance_lines(report),
              f'Seeds: {", ".join(str(x) for x in s["seeds"])}; every stage from the seed\'s random initialisation; '
              'downstream kNN (k=20) balanced accuracy on the test split. The searched LR passes when its mean is '
              'within the seed spread (max − min) of the best fixed LR\'s mean.', '']

@@ -62,9 +62,7 @@ def main(argv=None) -> int:
         'curves': {task: {str(seed): curve for seed, curve in by_seed.items()} for task, by_seed in curves.items()},
         'summary': budget.summarise(curves),
     }
-    for path in budget.write_report(study.out_dir, report):
-        print(f'written: {path}')
-    return 0
+    return study.write(budget.write_report, report)
 
 
 if __name__ == '__main__':

@@ -79,9 +79,7 @@ def main(argv=None) -> int:
                         for label, by_seed in by_label.items()} for task, by_label in runs.items()},
         'summary': lr_check.summarise(runs),
     }
-    for path in lr_check.write_report(study.out_dir, report):
-        print(f'written: {path}')
-    return 0
+    return study.write(lr_check.write_report, report)
 
 
 if __name__ == '__main__':
