@@ -26,9 +26,10 @@ from .augment import (
     random_resized_crop,
     to_float_nchw,
 )
-from .base import PretextTask, check_crop_scale, config_number
+from .base import PretextTask, check_crop_scale, config_number, config_positive
 from .errors import PretextConfigError
 from .registry import register_task
+from .split_batch_norm import split_batch_norm
 
 MAX_QUEUE = 65536
 
@@ -75,13 +76,10 @@ class MoCoTask(PretextTask):
         if not 0.5 <= momentum < 1.0:
             raise PretextConfigError(f'moco: momentum must be in [0.5, 1) (MoCo convention, e.g. 0.999), '
                                      f'got {momentum}')
-        if not config_number('moco', task_cfg, 'temperature', 0.2) > 0:
-            raise PretextConfigError(f'moco: temperature must be positive, got {task_cfg.get("temperature")}')
-        if not config_number('moco', task_cfg, 'queue_fraction', 0.5) > 0:
-            raise PretextConfigError(f'moco: queue_fraction must be positive, got {task_cfg.get("queue_fraction")}')
+        for key, default in (('temperature', 0.2), ('queue_fraction', 0.5)):
+            config_positive('moco', task_cfg, key, default)
         for key, default in (('feat_dim', 128), ('batch_size', 64)):
-            if config_number('moco', task_cfg, key, default, int) < 1:
-                raise PretextConfigError(f'moco: {key} must be a positive integer, got {task_cfg.get(key)}')
+            config_positive('moco', task_cfg, key, default, int)
         check_crop_scale('moco', task_cfg, (0.2, 1.0))
         config_number('moco', task_cfg, 'color_strength', 1.0)
 
@@ -101,6 +99,8 @@ class MoCoTask(PretextTask):
                                            self.cfg('queue_len'), float(self.cfg('queue_fraction', 0.5)))
         self.crop_scale = tuple(self.cfg('crop_scale', (0.2, 1.0)))
         self.color_strength = float(self.cfg('color_strength', 1.0))
+        # one BN per group of the batch (the several GPUs of MoCo's shuffling BN); before the EMA copies the model
+        split_batch_norm(self.backbone, int(self.cfg('bn_splits', 1)))
         head = _ScoredContrastiveHead(loss=dict(type='CrossEntropyLoss'),
                                       temperature=float(self.cfg('temperature', 0.2)))
         neck = dict(type='MoCoV2Neck', in_channels=self.feature_dim,
