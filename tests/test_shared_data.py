@@ -107,3 +107,50 @@ def test_synthetic_derm_lesions_are_as_large_as_ham10000_lesions():
     levels = (25, 50, 75, 90)
     assert np.allclose(np.percentile(generated, levels), np.percentile(real, levels), atol=0.05), \
         (np.percentile(generated, levels), np.percentile(real, levels))
+
+
+def test_synthetic_derm_has_ham10000s_images_per_lesion():
+    """Images per lesion as in HAM10000's metadata: the share of lesions with 1, 2 and 3+ images within 0.03, and the
+    share of images that have another image of their lesion within 0.05 (too many such siblings make instance
+    discrimination ill-posed: they are false negatives)."""
+    from benchmarks.datasets import synthetic
+
+    rows = read_rows(shared_path('ham10000', 'HAM10000_metadata.csv'))
+    _, real_sizes = np.unique([row['lesion_id'] for row in rows], return_counts=True)
+    groups = synthetic.generate_derm(synthetic.DEFAULT_NUM_IMAGES, 24, 0)['groups']
+    generated_sizes = np.bincount(groups)[:-1]  # the last group is cut to fit
+
+    def shares(sizes):
+        sizes = np.asarray(sizes)
+        per_lesion = [np.mean(sizes == 1), np.mean(sizes == 2), np.mean(sizes >= 3)]
+        return np.array(per_lesion + [sizes[sizes > 1].sum() / sizes.sum()])
+
+    real, generated = shares(real_sizes), shares(generated_sizes)
+    assert np.allclose(generated[:3], real[:3], atol=0.03) and abs(generated[3] - real[3]) < 0.05, (generated, real)
+
+
+def _corner_to_centre_luminance(images: np.ndarray) -> np.ndarray:
+    """Per image, the mean luminance of its four corner squares (a tenth of the side) over that of its central half."""
+    luminance = images.astype(np.float32).mean(-1)
+    h, w = luminance.shape[1:]
+    c = max(2, h // 10)
+    corners = np.mean([luminance[:, rows, cols].mean((1, 2)) for rows in (slice(0, c), slice(h - c, h))
+                       for cols in (slice(0, c), slice(w - c, w))], axis=0)
+    return corners / luminance[:, h // 4:3 * h // 4, w // 4:3 * w // 4].mean((1, 2))
+
+
+def test_synthetic_derm_frames_and_vignetting_as_in_ham10000():
+    """Dark dermatoscope frames and vignetting as often as in HAM10000 (every 10th image): the share of images whose
+    corners are darker than 0.6 of the centre within 0.03, the quartile and median of that ratio within 0.1."""
+    from PIL import Image
+
+    from benchmarks.datasets import synthetic
+
+    folder = shared_path('ham10000', 'images')
+    names = sorted(os.listdir(folder))[::10]
+    real = np.concatenate([_corner_to_centre_luminance(np.asarray(Image.open(os.path.join(folder, name))
+                                                                  .convert('RGB'))[None]) for name in names])
+    generated = _corner_to_centre_luminance(synthetic.generate_derm(1200, 64, 0)['images'])
+    assert abs(np.mean(generated < 0.6) - np.mean(real < 0.6)) < 0.03, (np.mean(generated < 0.6), np.mean(real < 0.6))
+    assert np.allclose(np.percentile(generated, [25, 50]), np.percentile(real, [25, 50]), atol=0.1), \
+        (np.percentile(generated, [25, 50]), np.percentile(real, [25, 50]))

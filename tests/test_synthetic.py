@@ -1,7 +1,7 @@
 """Tests of the built-in generated datasets ``synthetic_derm`` and ``synthetic_cxr``.
 
 Covered: the dataset contract (records, masks as PNG files, fingerprints), determinism and seeding, the on-disk
-cache (reuse, atomic writes, recovery from a corrupt file), option checking, class balance, 1-3 views per group,
+cache (reuse, atomic writes, recovery from a corrupt file), option checking, class balance, 1-4 views per group,
 ROI masks that sit on the lesion / lung fields, and that the class lives in image structure: mean colour predicts
 it poorly, and a ResNet-18 trained with labels gives a much better linear probe than a random one.
 """
@@ -149,11 +149,11 @@ def test_class_balance():
 
 
 @pytest.mark.parametrize('generate', [synthetic.generate_derm, synthetic.generate_cxr])
-def test_groups_hold_one_to_three_views_of_one_case(generate):
-    data = generate(150, 32, 0)
+def test_groups_hold_one_to_four_views_of_one_case(generate):
+    data = generate(300, 32, 0)
     groups, labels, images = data['groups'], data['labels'], data['images']
     sizes = np.bincount(groups)
-    assert set(sizes.tolist()) == {1, 2, 3}
+    assert {1, 2, 3} <= set(sizes.tolist()) <= {1, 2, 3, 4}
     for group in np.flatnonzero(sizes > 1):
         members = np.flatnonzero(groups == group)
         assert len(set(labels[members].tolist())) == 1
