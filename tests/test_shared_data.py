@@ -93,29 +93,20 @@ def test_pneumoniamnist_npz():
     assert records.source.decode(0).shape == (28, 28, 1)
 
 
-def test_synthetic_derm_lesions_are_as_large_as_ham10000_lesions_of_their_class():
-    """The built-in dermoscopy set sizes its lesions like real dermoscopy, per diagnosis: the median of the lesion's
-    share of the image within 0.04 of HAM10000's masks (every 4th) for each of the seven shared classes, and the
-    spread within a class (SD of the log area) at least 0.65 (HAM10000: 0.62-0.93), so size says no more about the
-    class than it does in real images."""
+def test_synthetic_derm_lesions_are_as_large_as_ham10000_lesions():
+    """The built-in dermoscopy set sizes its lesions like real dermoscopy: the quartiles and the 90th percentile of
+    the lesion's share of the image match HAM10000's segmentation masks (every 10th of them) within 0.05."""
     from PIL import Image
 
     from benchmarks.datasets import synthetic
 
     folder = shared_path('ham10000', 'masks')
-    rows = read_rows(shared_path('ham10000', 'HAM10000_metadata.csv'))[::4]
-    real: dict[str, list[float]] = {}
-    for row in rows:
-        mask = np.asarray(Image.open(os.path.join(folder, f'{row["image_id"]}_segmentation.png')).convert('L'))
-        real.setdefault(row['dx'], []).append((mask > 127).mean())
-    data = synthetic.generate_derm(synthetic.DEFAULT_NUM_IMAGES, 64, 0)
-    area = data['masks'].mean(axis=(1, 2))
-    shared = {'akiec': 'AK', 'bcc': 'BCC', 'bkl': 'BKL', 'df': 'DF', 'mel': 'MEL', 'nv': 'NV', 'vasc': 'VASC'}
-    for ham_class, derm_class in shared.items():
-        generated = area[data['labels'] == synthetic.DERM_CLASSES.index(derm_class)]
-        assert abs(np.median(generated) - np.median(real[ham_class])) < 0.04, \
-            (derm_class, np.median(generated), np.median(real[ham_class]))
-        assert np.std(np.log(generated + 1e-3)) > 0.65, (derm_class, np.std(np.log(generated + 1e-3)))
+    names = sorted(os.listdir(folder))[::10]
+    real = [(np.asarray(Image.open(os.path.join(folder, name)).convert('L')) > 127).mean() for name in names]
+    generated = synthetic.generate_derm(synthetic.DEFAULT_NUM_IMAGES, 64, 0)['masks'].mean(axis=(1, 2))
+    levels = (25, 50, 75, 90)
+    assert np.allclose(np.percentile(generated, levels), np.percentile(real, levels), atol=0.05), \
+        (np.percentile(generated, levels), np.percentile(real, levels))
 
 
 def test_synthetic_derm_has_ham10000s_images_per_lesion():
