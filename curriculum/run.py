@@ -446,6 +446,7 @@ def _stage_summary(record: dict) -> dict:
     search = record.get('lr_search') or {}
     return {
         'task': record['task'], 'lr': record['lr'], 'epochs': record['epochs'],
+        'num_images': record.get('num_images'), 'batch_size': record.get('batch_size'),
         'lr_search': {'trials': search.get('trials', []), 'study': search.get('study'),
                       'searched': search.get('searched', False),
                       'iterations_per_trial': search.get('iterations_per_trial'),

@@ -86,6 +86,7 @@ def test_a_run_records_the_monitor_and_the_lr_search_spread_and_noise(tmp_path):
     from curriculum.run import run_curriculum
 
     config = load_config(None, {'image_size': 32, 'epochs': 1, 'lr_search.trials': 2, 'lr_search.val_images': 32,
+                                'lr_search.trial_fraction': 1.5,  # a trial may span several epochs
                                 'dataset_options.num_images': 480, 'tasks.rotation.batch_size': 32,
                                 'evaluation.protocols': ['knn'], 'monitor.max_images': 200,
                                 'backbone': SMALL_BACKBONE})
@@ -94,6 +95,8 @@ def test_a_run_records_the_monitor_and_the_lr_search_spread_and_noise(tmp_path):
     stage = result['stages'][0]
     search = stage['lr_search']
     assert search['objective'] == 'knn'                      # auto: the data has labels
+    per_epoch = stage['num_images'] // 32
+    assert search['iterations_per_trial'] == round(1.5 * per_epoch) > per_epoch
     assert search['spread'] is not None and search['spread'] >= 0
     assert search['noise'] is not None and search['noise'] >= 0
     assert search['discriminates'] == (search['spread'] > search['noise'])
