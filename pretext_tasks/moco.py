@@ -80,6 +80,11 @@ class MoCoTask(PretextTask):
             config_positive('moco', task_cfg, key, default)
         for key, default in (('feat_dim', 128), ('batch_size', 64)):
             config_positive('moco', task_cfg, key, default, int)
+        splits = config_positive('moco', task_cfg, 'bn_splits', 1, int)
+        batch_size = int(task_cfg.get('batch_size', 64))
+        if splits > 1 and (batch_size % splits or batch_size // splits < 2):
+            raise PretextConfigError(f'moco: bn_splits {splits} must divide batch_size {batch_size} into groups of '
+                                     f'at least 2 images')
         check_crop_scale('moco', task_cfg, (0.2, 1.0))
         config_number('moco', task_cfg, 'color_strength', 1.0)
 

@@ -57,7 +57,7 @@ def split_batch_norm(module: nn.Module, num_splits: int) -> int:
     if int(num_splits) <= 1:
         return changed
     for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d) and type(layer) in (nn.BatchNorm2d, SplitBatchNorm2d):
+        if type(layer) in (nn.BatchNorm2d, SplitBatchNorm2d):  # not SyncBatchNorm nor other subclasses
             layer.__class__ = SplitBatchNorm2d
             layer.num_splits = int(num_splits)
             changed += 1

@@ -11,6 +11,7 @@ BAD = [
     ('moco', 'queue_fraction', -0.5, 'moco: queue_fraction must be a positive number, got -0.5'),
     ('moco', 'feat_dim', 0, 'moco: feat_dim must be a positive integer, got 0'),
     ('moco', 'batch_size', -3, 'moco: batch_size must be a positive integer, got -3'),
+    ('moco', 'bn_splits', 0, 'moco: bn_splits must be a positive integer, got 0'),
     ('odc', 'centroid_update_interval', 0, 'odc: centroid_update_interval must be a positive integer, got 0'),
     ('odc', 'images_per_cluster', 0, 'odc: images_per_cluster must be a positive integer, got 0'),
     ('odc', 'min_cluster_size', -1, 'odc: min_cluster_size must be a positive integer, got -1'),
@@ -37,3 +38,12 @@ def test_config_positive_returns_the_value_and_rejects_nan_and_non_numbers():
 def test_the_defaults_pass():
     for task in ('moco', 'odc'):
         get_task_class(task).check_config({}, 32)
+
+
+@pytest.mark.parametrize('splits, batch_size', [(7, 64), (64, 64)])
+def test_moco_bn_splits_must_divide_the_batch_into_groups_of_two_or_more(splits, batch_size):
+    with pytest.raises(PretextConfigError) as info:
+        get_task_class('moco').check_config({'bn_splits': splits, 'batch_size': batch_size}, 32)
+    assert str(info.value) == (f'moco: bn_splits {splits} must divide batch_size {batch_size} into groups of at '
+                               f'least 2 images')
+    get_task_class('moco').check_config({'bn_splits': 8, 'batch_size': 64}, 32)
