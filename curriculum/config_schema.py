@@ -29,7 +29,7 @@ from .errors import PlanError
 OPEN_MAPPINGS = {('backbone',), ('dataset_options',), ('downstream_options',), ('study',),
                  ('tasks', '*', 'optimizer'), ('tasks', '*', 'paramwise_cfg'), ('tasks', '*', 'clip_grad')}
 #: per-stage options every task accepts (curriculum/stage.py reads them)
-ENGINE_TASK_OPTIONS = ('clip_grad',)
+ENGINE_TASK_OPTIONS = ('clip_grad', 'image_scale')
 #: top-level sections a config file may hold for a tool (configs/experiments/*.yaml: tools/study.py)
 TOOL_SECTIONS = {'study': {}}
 

@@ -23,6 +23,8 @@ DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'default.yaml')
 NO_PRETRAINING = 'none'
 KNOWN_PROTOCOLS = ('linear', 'finetune', 'knn')
 STAGE_KEYS_REQUIRED = ('epochs', 'batch_size', 'lr', 'lr_range', 'optimizer')
+#: the largest side (px) any stage decodes its images at (image_size, and image_size × a stage's image_scale)
+MAX_IMAGE_SIZE = 1024
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -142,13 +144,23 @@ def resolve_stage(task: str, config: dict) -> StagePlan:
         raise PlanError(f'{task}: lr_range low {low} must be below high {high}')
     if not isinstance(cfg['optimizer'], dict) or 'type' not in cfg['optimizer']:
         raise PlanError(f'{task}: optimizer must be a mapping with a "type" (e.g. SGD)')
+    if 'image_scale' in cfg:
+        scale = _positive_number(cfg['image_scale'], f'{task}: image_scale', integer=True)
+        cfg['image_scale'] = int(scale)
     return StagePlan(task, cfg)
+
+
+def stage_image_size(stage: StagePlan, image_size: int) -> int:
+    """The side at which ``stage`` sees its pretext images: ``image_size`` × the stage's ``image_scale`` (an engine
+    option of every task, default 1; e.g. relative location cuts its patch grid from a sharper copy of each image).
+    The monitor, the LR search's kNN objective and the downstream protocols stay at ``image_size``."""
+    return int(image_size) * int(stage.cfg.get('image_scale', 1))
 
 
 def validate_config(config: dict) -> None:
     size = _positive_number(config.get('image_size'), 'image_size', integer=True)
-    if not 16 <= size <= 1024:
-        raise PlanError(f'image_size must be between 16 and 1024, got {int(size)}')
+    if not 16 <= size <= MAX_IMAGE_SIZE:
+        raise PlanError(f'image_size must be between 16 and {MAX_IMAGE_SIZE}, got {int(size)}')
     if not isinstance(config.get('seed'), int) or isinstance(config.get('seed'), bool) or config['seed'] < 0:
         raise PlanError(f'seed must be a non-negative integer, got {config.get("seed")!r}')
     if config.get('device') not in ('auto', 'cpu', 'cuda'):
@@ -198,8 +210,12 @@ def build_plan(order_text: str, config: dict) -> RunPlan:
     validate_config(config)
     stages = [resolve_stage(task, config) for task in order]
     for stage in stages:  # task checks that need only the image size (e.g. relloc's grid must fit the crop)
+        size = stage_image_size(stage, int(config['image_size']))
+        if size > MAX_IMAGE_SIZE:
+            raise PlanError(f'{stage.task}: image_size {config["image_size"]} x image_scale '
+                            f'{stage.cfg["image_scale"]} = {size} px exceeds {MAX_IMAGE_SIZE} px')
         try:
-            TASKS[stage.task].check_config(stage.cfg, int(config['image_size']))
+            TASKS[stage.task].check_config(stage.cfg, size)
         except PretextError as exc:
             raise PlanError(str(exc)) from None
     if config.get('device') == 'cuda':

@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -32,7 +32,7 @@ from .distributed import from_rank0
 from .errors import CheckpointError, EngineError, PlanError
 from .lr_search import default_storage, search_lr
 from .monitor import KnnMonitor
-from .plan import RunPlan
+from .plan import RunPlan, stage_image_size
 from .precision import apply_precision, log_once, resolve_precision
 from .results import store_run
 from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
@@ -68,9 +68,26 @@ def versions() -> dict:
     return out
 
 
-def _load_pretext_data(config: dict):
-    return load_dataset(config['dataset'], config.get('data_root'), image_size=int(config['image_size']),
+def _load_pretext_data(config: dict, image_size: int | None = None):
+    return load_dataset(config['dataset'], config.get('data_root'), image_size=int(image_size or config['image_size']),
                         seed=int(config['seed']), **(config.get('dataset_options') or {}))
+
+
+def stage_inputs(ctx: RunContext, stage) -> StageInputs:
+    """The run's stage inputs, with the pretext images decoded at the stage's own side when its ``image_scale``
+    is not 1 (same images, same split: only the resolution differs; the decoded copies are cached on disk and
+    kept for the run)."""
+    size = stage_image_size(stage, ctx.inputs.image_size)
+    if size == ctx.inputs.image_size:
+        return ctx.inputs
+    if size not in ctx.scaled_inputs:
+        data = _load_pretext_data(ctx.config, size)
+        if not np.array_equal(data.split, ctx.pretext.split):
+            raise EngineError(f'{data.name} decoded at {size} px has a different split than at '
+                              f'{ctx.inputs.image_size} px')
+        ctx.scaled_inputs[size] = replace(ctx.inputs, train_images=data.unlabeled('train').images,
+                                          val_images=data.unlabeled('val').images, image_size=size)
+    return ctx.scaled_inputs[size]
 
 
 def _load_downstream_data(config: dict, pretext):
@@ -159,6 +176,7 @@ class RunContext:
     search_cfg: dict
     init_path: str | None
     init_state: dict | None
+    scaled_inputs: dict = field(default_factory=dict)  # side (px) → StageInputs of stages with an image_scale
 
 
 def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str | None,
@@ -214,7 +232,8 @@ def run_stages(ctx: RunContext, work_root: str, progress=None) -> tuple[list[dic
         if progress:
             progress('stage', index + 1, len(ctx.plan.stages), {'task': stage.task, 'key': key})
         with stage_lock(directory) if get_rank() == 0 else nullcontext():
-            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, ctx.inputs,
+            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path,
+                                      stage_inputs(ctx, stage),
                                       ctx.search_cfg, ctx.storage, ctx.monitor, ctx.monitor_every, progress,
                                       stage_started)
         stages.append(record)
@@ -446,7 +465,8 @@ def _stage_summary(record: dict) -> dict:
     search = record.get('lr_search') or {}
     return {
         'task': record['task'], 'lr': record['lr'], 'epochs': record['epochs'],
-        'num_images': record.get('num_images'), 'batch_size': record.get('batch_size'),
+        'num_images': record.get('num_images'), 'image_size': record.get('image_size'),
+        'batch_size': record.get('batch_size'),
         'lr_search': {'trials': search.get('trials', []), 'study': search.get('study'),
                       'searched': search.get('searched', False),
                       'iterations_per_trial': search.get('iterations_per_trial'),

@@ -324,6 +324,7 @@ def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, paren
         'resumed_at_epoch': history_hook.resumed_at_epoch,  # 0: trained from the start in this process
         'seconds_this_process': seconds,
         'num_images': int(len(inputs.train_images)),
+        'image_size': int(inputs.image_size),  # the pretext side: the run's image_size × the stage's image_scale
         'batch_size': int(cfg['batch_size']),
     }
     if get_rank() == 0:
