@@ -202,6 +202,20 @@ def validate_config(config: dict) -> None:
     fraction = _positive_number(evaluation.get('label_fraction', 1.0), 'label_fraction')
     if fraction > 1:
         raise PlanError(f'label_fraction must be in (0, 1], got {fraction}')
+    finetune = evaluation.get('finetune') or {}
+    if not isinstance(finetune, dict):
+        raise PlanError(f'evaluation.finetune must be a mapping (steps, eval_every, patience), got {finetune!r}')
+    for name in ('steps', 'eval_every', 'patience'):
+        value = finetune.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PlanError(f'evaluation.finetune.{name} must be null or a positive integer, got {value!r}')
+    steps = finetune.get('steps')
+    if steps is None and (finetune.get('eval_every') is not None or finetune.get('patience') is not None):
+        raise PlanError('evaluation.finetune.eval_every and .patience need evaluation.finetune.steps (step-based '
+                        'fine-tuning)')
+    if steps is not None and (finetune.get('eval_every') or 0) > steps:
+        raise PlanError(f'evaluation.finetune.eval_every ({finetune["eval_every"]}) must not exceed '
+                        f'evaluation.finetune.steps ({steps})')
 
 
 def build_plan(order_text: str, config: dict) -> RunPlan:

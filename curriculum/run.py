@@ -251,10 +251,14 @@ def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None)
     protocols = list(ctx.evaluation.get('protocols') or [])
     if progress:
         progress('downstream', 0, len(protocols), {'dataset': ctx.downstream_data.name})
+    # the step budget of fine-tuning (evaluation.finetune: steps, eval_every, patience), only the keys set
+    finetune = {name: int(value) for name, value in (ctx.evaluation.get('finetune') or {}).items()
+                if value is not None}
     downstream = evaluate(backbone, ctx.downstream_data, protocols,
                           label_fraction=float(ctx.evaluation.get('label_fraction', 1.0)), seed=ctx.seed,
                           device=ctx.device, epochs=ctx.evaluation.get('epochs'),
-                          batch_size=int(ctx.evaluation.get('batch_size', 64)))
+                          batch_size=int(ctx.evaluation.get('batch_size', 64)),
+                          options={'finetune': finetune} if finetune else None)
     finetuned = (downstream.get('finetune') or {}).pop('model', None)
     for metrics in downstream.values():
         metrics.pop('model', None)

@@ -215,3 +215,27 @@ def write_image_folder(root: str, splits: tuple[str, ...] | None = ('train', 'va
         if empty_class:
             os.makedirs(os.path.join(base, empty_class), exist_ok=True)
     return root
+
+
+# -- ISIC archive export (UDA-1) ---------------------------------------------------------------------------------
+ISIC_ARCHIVE_COLUMNS = ['image_id', 'benign_malignant', 'diagnosis', 'label_melanoma', 'melanocytic',
+                        'diagnosis_confirm_type', 'age_approx', 'sex', 'orig_width', 'orig_height', 'width', 'height',
+                        'isic2019_label']
+
+
+def write_isic_archive(root: str, count: int = 18, unlabeled: tuple[int, ...] = (4, 13)) -> str:
+    """labels.csv + images/*.jpg as in ``isic_archive_uda1``: every third image a melanoma, the rest nevi, and the
+    rows in ``unlabeled`` benign without a diagnosis (their images exist, as in the real export)."""
+    rows = []
+    for i in range(count):
+        image_id = f'ISIC_{i:07d}'
+        if i in unlabeled:
+            rows.append([image_id, 'benign', '', '0', '', '', '', '', 1024, 768, 16, 16, ''])
+        elif i % 3 == 0:
+            rows.append([image_id, 'malignant', 'melanoma', '1', 'True', 'histopathology', '60', 'female', 1022, 767,
+                         16, 16, 'MEL' if i % 2 else ''])
+        else:
+            rows.append([image_id, 'benign', 'nevus', '0', 'True', '', '30', 'male', 1022, 767, 16, 16, 'NV'])
+        write_image(os.path.join(root, 'images', f'{image_id}.jpg'), 300 + i)
+    write_csv(os.path.join(root, 'labels.csv'), ISIC_ARCHIVE_COLUMNS, rows)
+    return root

@@ -57,30 +57,6 @@ def read_result(work_dir: str) -> dict | None:
         raise AttentionError(f'{path}: unreadable result file ({exc})') from None
 
 
-def load_finetuned(path: str):
-    """``(backbone, head, classes)`` from a run's ``finetuned.pth`` (loaded through the engine's trust check)."""
-    import torch
-    from curriculum.compat import load_checkpoint_file
-    from curriculum.errors import CheckpointError
-    from pretext_tasks.base import build_backbone
-
-    state = load_checkpoint_file(path, map_location='cpu')
-    if not isinstance(state, dict) or not {'backbone', 'head', 'backbone_cfg'} <= set(state):
-        raise CheckpointError(f'{path}: not a fine-tuned model file (expected keys backbone, head, backbone_cfg)')
-    backbone = build_backbone(dict(state['backbone_cfg']))
-    weight = state['head'].get('weight')
-    if weight is None or weight.ndim != 2:
-        raise CheckpointError(f'{path}: head weights missing or not a linear layer')
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias='bias' in state['head'])
-    try:
-        backbone.load_state_dict(state['backbone'], strict=True)
-        head.load_state_dict(state['head'], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f'{path}: weights do not match backbone_cfg {state["backbone_cfg"]} '
-                              f'({str(exc).splitlines()[0]})') from None
-    return backbone, head, list(state.get('classes') or [])
-
-
 def dataset_source(args, result: dict | None) -> tuple[str, str | None, dict]:
     """Name, root and options of the dataset to explain: ``--dataset`` or the run's downstream dataset."""
     from benchmarks.attention import AttentionError
@@ -133,6 +109,7 @@ def run(args) -> int:
                                       render_grid, report_dict)
     from benchmarks.files import write_json_atomic
     from curriculum.errors import CheckpointError
+    from curriculum.finetuned import load_finetuned
 
     work_dir = args.work_dir
     if not os.path.isdir(work_dir):

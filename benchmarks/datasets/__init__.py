@@ -1,10 +1,10 @@
 """Datasets in their published layouts, one module per layout, one registry (names used by ``--dataset``).
 
-Registered: isic2019, ham10000, medmnist, nih_cxr14, chexpert, siim_covid, image_folder, synthetic_derm,
-synthetic_cxr.
+Registered: isic2019, isic_archive, ham10000, medmnist, nih_cxr14, chexpert, siim_covid, image_folder,
+synthetic_derm, synthetic_cxr.
 """
-from . import (chexpert, ham10000, image_folder, isic2019, medmnist, nih_cxr14,  # noqa: F401  (registration)
-               siim_covid, synthetic)
+from . import (chexpert, ham10000, image_folder, isic2019, isic_archive, medmnist,  # noqa: F401  (registration)
+               nih_cxr14, siim_covid, synthetic)
 from .base import ArrayImageSource, FileImageSource, ImageRecords, ImageSource
 from .errors import (CorruptImageError, DatasetError, EmptySplitError, MissingColumnError, MissingFileError,
                      TooFewClassesError, UnknownDatasetError, UnknownLabelError)

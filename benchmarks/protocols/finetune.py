@@ -6,6 +6,11 @@ ratio drawn per sample) plus flips, expressed as one affine matrix per sample an
 :mod:`.linear`; the learning rate follows a linear warm-up then a cosine decay per step. After every epoch the
 validation headline metric is computed and the best epoch's weights are kept; test metrics are reported for them.
 
+With ``steps`` the budget is a number of optimiser steps instead, the same whatever the size of the labeled subset
+(epochs scale it with the label fraction: 1 % of the labels would get 100x fewer steps than 100 %): passes over the
+subset are reshuffled and chained, the schedule spans ``steps``, validation runs every ``eval_every`` steps and the
+run may stop early after ``patience`` evaluations without improvement.
+
 Every random draw (head initialisation, data order, augmentation) comes from a ``torch.Generator`` seeded with
 ``seed``; anything inside the backbone that uses the global RNG (drop-path) runs under a forked, seeded RNG, so a
 run is reproducible and leaves the caller's RNG state untouched. The returned :class:`FineTunedModel` exposes
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -93,6 +99,53 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[to
     return batches
 
 
+def _step_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches of ``max(2, min(batch_size, count))`` images cut from chained shuffled passes over
+    ``count`` images (a batch may span two passes). Never a batch of one, which BatchNorm rejects: a one-image
+    subset gives that image twice, augmented differently."""
+    if count < 1:
+        raise ValueError('step-based fine-tuning needs at least one training image')
+    size = max(2, min(batch_size, count))
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(pending) < size:
+            pending = torch.cat([pending, torch.randperm(count, generator=generator)])
+        yield pending[:size]
+        pending = pending[size:]
+
+
+def _check_step_budget(steps: int | None, eval_every: int | None, patience: int | None) -> int | None:
+    """ValueError for a bad step budget; returns the evaluation interval (default ``max(1, steps // 20)``)."""
+    for name, value in (('steps', steps), ('eval_every', eval_every), ('patience', patience)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f'{name} must be None or a positive integer, got {value!r}')
+    if steps is None:
+        if eval_every is not None or patience is not None:
+            raise ValueError('eval_every and patience apply to step-based fine-tuning only: set steps')
+        return None
+    if eval_every is not None and eval_every > steps:
+        raise ValueError(f'eval_every ({eval_every}) must not exceed steps ({steps})')
+    return max(1, steps // 20) if eval_every is None else eval_every
+
+
+class _BestWeights:
+    """The best validation metrics so far and a CPU copy of the weights they were measured with."""
+
+    def __init__(self, multilabel: bool):
+        self.multilabel = multilabel
+        self.val, self.at, self.state = None, 0, None
+
+    def offer(self, model: nn.Module, val_metrics: dict, at: int) -> bool:
+        """Keep ``model``'s weights when ``val_metrics`` are at least as good as the best (ties go to the later
+        evaluation, further down the cosine schedule); True when they are strictly better (an improvement)."""
+        value = selection_value(val_metrics, self.multilabel)
+        best = None if self.val is None else selection_value(self.val, self.multilabel)
+        if best is None or value >= best:
+            self.val, self.at = val_metrics, at
+            self.state = {key: tensor.detach().to('cpu', copy=True) for key, tensor in model.state_dict().items()}
+        return best is None or value > best
+
+
 def _make_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for param in model.parameters():
@@ -111,12 +164,20 @@ def finetune(backbone: nn.Module, images_uint8, labels: np.ndarray, splits: Spli
              device: torch.device | str = 'cpu', optimizer: str = 'adamw', lr: float | None = None,
              weight_decay: float = 0.05, class_balanced: bool = True, warmup_fraction: float = 0.05,
              aug_scale: tuple[float, float] = (0.6, 1.0), hflip: bool = True, vflip: bool = False,
-             eval_batch_size: int = 256) -> tuple[dict, FineTunedModel]:
+             eval_batch_size: int = 256, steps: int | None = None, eval_every: int | None = None,
+             patience: int | None = None) -> tuple[dict, FineTunedModel]:
     """Fine-tune a deep copy of ``backbone`` on ``splits.train``; returns ``(result, model)``.
 
     ``result`` holds the test metrics of the best-validation epoch, ``val`` (its validation metrics),
     ``best_epoch`` (1-based) and ``val_history`` (headline per epoch). ``model`` carries those weights, in eval
-    mode on ``device``. ``lr`` defaults to 1e-3 for AdamW and 1e-2 for SGD."""
+    mode on ``device``. ``lr`` defaults to 1e-3 for AdamW and 1e-2 for SGD.
+
+    With ``steps`` (``epochs`` is then ignored): at most ``steps`` optimiser steps on batches of
+    ``max(2, min(batch_size, subset size))``, validation every ``eval_every`` steps (default ``max(1, steps // 20)``)
+    and at the last step, early stop once ``patience`` evaluations in a row bring no strict improvement (None:
+    never). ``result`` then holds the best evaluation's test and ``val`` metrics, ``best_epoch=None``, ``best_step``,
+    ``steps_run``, ``stopped_early`` and ``val_history`` as ``[step, headline]`` pairs."""
+    eval_every = _check_step_budget(steps, eval_every, patience)
     device = torch.device(device)
     labels = np.asarray(labels)
     lr = (1e-3 if optimizer == 'adamw' else 1e-2) if lr is None else float(lr)
@@ -135,8 +196,11 @@ def finetune(backbone: nn.Module, images_uint8, labels: np.ndarray, splits: Spli
     train_labels = labels_tensor(labels[train_idx], multilabel)
     loss_fn = balanced_loss(train_labels, num_classes, multilabel, class_balanced, device)
     opt = _make_optimizer(model, optimizer, lr, weight_decay)
-    steps_per_epoch = len(_batches(len(train_idx), batch_size, torch.Generator().manual_seed(0)))
-    total_steps = max(1, steps_per_epoch * epochs)
+    if steps is None:
+        steps_per_epoch = len(_batches(len(train_idx), batch_size, torch.Generator().manual_seed(0)))
+        total_steps = max(1, steps_per_epoch * epochs)
+    else:
+        total_steps = steps
     warmup = round(warmup_fraction * total_steps)
 
     def lr_factor(step: int) -> float:
@@ -146,47 +210,76 @@ def finetune(backbone: nn.Module, images_uint8, labels: np.ndarray, splits: Spli
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    best_state, best_val, best_epoch, history = None, None, 0, []
+
+    def train_step(batch: torch.Tensor) -> None:
+        pick = train_idx[batch.numpy()]
+        images = torch.as_tensor(np.asarray(images_uint8[pick])).to(device)
+        targets = train_labels[batch].to(device)
+        x = augment_batch(to_model_input(images), generator, aug_scale, hflip=hflip, vflip=vflip)
+        logits = model(x)
+        loss = loss_fn(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+
+    def validation_metrics() -> dict:
+        val_scores = predict_scores(model, images_uint8, splits.val, device, eval_batch_size)
+        return compute_metrics(labels[splits.val], val_scores, multilabel)
+
+    best, history = _BestWeights(multilabel), []
+    steps_run, stopped_early = 0, False
     fork_devices = [device.index or 0] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(int(seed))
-        for epoch in range(1, epochs + 1):
+        if steps is None:
+            for epoch in range(1, epochs + 1):
+                model.train()
+                for batch in _batches(len(train_idx), batch_size, generator):
+                    train_step(batch)
+                val_metrics = validation_metrics()
+                history.append(val_metrics[headline_metric(multilabel)])
+                best.offer(model, val_metrics, epoch)
+        else:
+            batches = _step_batches(len(train_idx), batch_size, generator)
+            evaluations_without_improvement = 0
             model.train()
-            for batch in _batches(len(train_idx), batch_size, generator):
-                pick = train_idx[batch.numpy()]
-                images = torch.as_tensor(np.asarray(images_uint8[pick])).to(device)
-                targets = train_labels[batch].to(device)
-                x = augment_batch(to_model_input(images), generator, aug_scale, hflip=hflip, vflip=vflip)
-                logits = model(x)
-                loss = loss_fn(logits, targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-            val_scores = predict_scores(model, images_uint8, splits.val, device, eval_batch_size)
-            val_metrics = compute_metrics(labels[splits.val], val_scores, multilabel)
-            history.append(val_metrics[headline_metric(multilabel)])
-            # ties go to the later epoch (further down the cosine schedule)
-            if best_val is None or selection_value(val_metrics, multilabel) >= selection_value(best_val, multilabel):
-                best_val, best_epoch = val_metrics, epoch
-                best_state = {key: value.detach().to('cpu', copy=True) for key, value in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            while steps_run < steps:
+                train_step(next(batches))
+                steps_run += 1
+                if steps_run % eval_every == 0 or steps_run == steps:
+                    val_metrics = validation_metrics()   # predict_scores puts the model back in training mode
+                    history.append([steps_run, float(val_metrics[headline_metric(multilabel)])])
+                    improved = best.offer(model, val_metrics, steps_run)
+                    evaluations_without_improvement = 0 if improved else evaluations_without_improvement + 1
+                    if patience is not None and evaluations_without_improvement >= patience and steps_run < steps:
+                        stopped_early = True
+                        break
+    if best.state is not None:
+        model.load_state_dict(best.state)
     model.eval()
     test_scores = predict_scores(model, images_uint8, splits.test, device, eval_batch_size)
     result = test_metrics(labels[splits.test], test_scores, multilabel, seed=seed)
-    result.update(val=best_val if best_val is not None else {}, best_epoch=best_epoch, val_history=history)
+    best_val = best.val if best.val is not None else {}
+    if steps is None:
+        result.update(val=best_val, best_epoch=best.at, val_history=history)
+    else:
+        result.update(val=best_val, best_epoch=None, val_history=history, best_step=best.at, steps_run=steps_run,
+                      stopped_early=stopped_early)
     return result, model
 
 
 def run(backbone: nn.Module, dataset, splits: Splits, *, device: torch.device | str = 'cpu', seed: int = 0,
-        epochs: int | None = None, batch_size: int = 64, features: dict | None = None, **options) -> dict:
-    """Fine-tuning protocol on ``dataset`` (``epochs`` defaults to 20; ``features`` is unused).
+        epochs: int | None = None, batch_size: int = 64, features: dict | None = None, steps: int | None = None,
+        eval_every: int | None = None, patience: int | None = None, **options) -> dict:
+    """Fine-tuning protocol on ``dataset`` (``epochs`` defaults to 20; ``features`` is unused). ``steps``,
+    ``eval_every`` and ``patience`` select the step budget of :func:`finetune`.
 
     The result also carries the fine-tuned model under ``'model'`` (drop it before serialising)."""
     del features
     result, model = finetune(backbone, dataset.images, dataset.labels, splits, dataset.num_classes,
                              dataset.multilabel, epochs=DEFAULT_EPOCHS if epochs is None else int(epochs),
-                             batch_size=batch_size, seed=seed, device=device, **options)
+                             batch_size=batch_size, seed=seed, device=device, steps=steps, eval_every=eval_every,
+                             patience=patience, **options)
     result.update(headline=headline_metric(dataset.multilabel), num_train=len(splits.train), model=model)
     return result
