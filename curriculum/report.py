@@ -269,14 +269,25 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
         f'- Backbone: {config.get("backbone")}; stage epochs: '
         + ', '.join(f'{t} {epochs[t]}' for t in tasks) + f'; LR-search trials per stage: '
         f'{(config.get("lr_search") or {}).get("trials")}.',
-        f'- Protocols: {", ".join(evaluation.get("protocols") or [])}; fine-tuning epochs: '
-        f'{(evaluation.get("epochs") or {}).get("finetune", "default")}; seeds planned: {study.get("seeds")}; '
+        f'- Protocols: {", ".join(evaluation.get("protocols") or [])}; fine-tuning: {_finetune_budget(evaluation)}; '
+        f'seeds planned: {study.get("seeds")}; '
         f'label fractions planned: {study.get("label_fractions")}.',
         f'- Stored runs: {len(runs)}; distinct stages trained: {len(stage_seconds)} '
         f'({sum(stage_seconds.values()) / 60:.1f} min); wall time of all runs incl. cached stages and downstream: '
         f'{run_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
         f'mmpretrain {versions.get("mmpretrain")}, {versions.get("platform")}.',
     ]
+
+
+def _finetune_budget(evaluation: dict) -> str:
+    """The fine-tuning budget as configured: a step budget (evaluation.finetune.steps) or epochs."""
+    budget = evaluation.get('finetune') or {}
+    if budget.get('steps'):
+        every = budget.get('eval_every') or max(1, int(budget['steps']) // 20)
+        patience = budget.get('patience')
+        return (f'{budget["steps"]} steps whatever the label fraction, val every {every} steps'
+                + (f', early stop after {patience} evaluations without gain' if patience else ''))
+    return f'{(evaluation.get("epochs") or {}).get("finetune", "default")} epochs'
 
 
 def _missing_cells(runs: list[dict]) -> list[str]:
