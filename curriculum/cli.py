@@ -164,14 +164,7 @@ def provenance_lines(report: dict) -> list[str]:
 
 def config_overrides(args) -> dict:
     """Dotted config overrides from the shared flags and ``--cfg-options`` (flags win)."""
-    import yaml
-
-    options = {}
-    for pair in args.cfg_options:
-        if '=' not in pair:
-            raise ValueError(f'--cfg-options entry {pair!r} is not KEY=VALUE')
-        key, value = pair.split('=', 1)
-        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    options = parse_key_values(args.cfg_options, '--cfg-options')
     flags = {
         'dataset': args.dataset, 'data_root': args.data_root, 'downstream': args.downstream,
         'downstream_root': args.downstream_root, 'epochs': args.epochs, 'lr_search.trials': args.lr_trials,
@@ -183,6 +176,33 @@ def config_overrides(args) -> dict:
     if args.deterministic:
         options['deterministic'] = True
     return options
+
+
+def parse_key_values(pairs, flag: str) -> dict:
+    """``KEY=VALUE`` strings as a dict, values read as YAML (safe loading; an empty value is None); a ValueError
+    naming ``flag`` for an entry without ``=``."""
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        if '=' not in pair:
+            raise ValueError(f'{flag} entry {pair!r} is not KEY=VALUE')
+        key, value = pair.split('=', 1)
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return parsed
+
+
+def main_on_work_dir(args, run) -> int:
+    """The entry of the tools that read a finished run's folder (``args.work_dir``): ``run(args)``, or one line
+    on stderr and exit code 2 when the folder is missing or a user error is raised."""
+    if not os.path.isdir(args.work_dir):
+        return fail(FileNotFoundError(f'work dir not found: {args.work_dir}'))
+    from .errors import USER_ERRORS
+
+    try:
+        return run(args)
+    except USER_ERRORS as exc:
+        return fail(exc)
 
 
 def fail(exc: BaseException) -> int:

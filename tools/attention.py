@@ -182,16 +182,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from curriculum.cli import fail  # light import: the check below runs before torch is loaded
+    from curriculum.cli import main_on_work_dir  # light import: the folder check runs before torch is loaded
 
-    if not os.path.isdir(args.work_dir):
-        return fail(FileNotFoundError(f'work dir not found: {args.work_dir}'))
-    from curriculum.errors import USER_ERRORS
-
-    try:
-        return run(args)
-    except USER_ERRORS as exc:
-        return fail(exc)
+    return main_on_work_dir(args, run)
 
 
 if __name__ == '__main__':

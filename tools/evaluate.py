@@ -79,8 +79,7 @@ def run_downstream(result: dict) -> tuple[str | None, str | None, dict]:
 
 def dataset_options(args, result: dict) -> tuple[dict, bool]:
     """Layout options for ``--dataset`` and whether it is the run's own downstream dataset."""
-    import yaml
-
+    from curriculum.cli import parse_key_values
     from curriculum.errors import EngineError
 
     name, root, options = run_downstream(result)
@@ -89,13 +88,10 @@ def dataset_options(args, result: dict) -> tuple[dict, bool]:
     own = args.dataset == name and same_root
     if args.dataset_options is None:
         return (options if own else {}), own
-    parsed = {}
-    for pair in args.dataset_options:
-        if '=' not in pair:
-            raise EngineError(f'--dataset-options entry {pair!r} is not KEY=VALUE')
-        key, value = pair.split('=', 1)
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return parsed, own
+    try:
+        return parse_key_values(args.dataset_options, '--dataset-options'), own
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
 
 
 # -- class mapping ----------------------------------------------------------------------------------------------
@@ -312,16 +308,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from curriculum.cli import fail  # light import: the check below runs before torch is loaded
+    from curriculum.cli import main_on_work_dir  # light import: the folder check runs before torch is loaded
 
-    if not os.path.isdir(args.work_dir):
-        return fail(FileNotFoundError(f'work dir not found: {args.work_dir}'))
-    from curriculum.errors import USER_ERRORS
-
-    try:
-        return run(args)
-    except USER_ERRORS as exc:
-        return fail(exc)
+    return main_on_work_dir(args, run)
 
 
 if __name__ == '__main__':
