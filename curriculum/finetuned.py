@@ -1,4 +1,5 @@
-"""A run's fine-tuned model loaded back for the analysis tools (``tools/attention.py``, ``tools/evaluate.py``).
+"""A run's fine-tuned model and result file loaded back for the analysis tools (``tools/attention.py``,
+``tools/evaluate.py``).
 
 ``<work dir>/finetuned.pth`` is written by :mod:`curriculum.run` when the run used ``--protocols finetune``: the
 backbone's and the linear head's weights, the backbone config and the class names. It is read through the engine's
@@ -6,9 +7,25 @@ trust check (:func:`curriculum.compat.load_checkpoint_file`: fully unpickled onl
 """
 from __future__ import annotations
 
+import json
 import os
 
 CHECKPOINT = 'finetuned.pth'
+RESULT = 'result.json'
+
+
+def read_result(work_dir: str) -> dict | None:
+    """``work_dir/result.json``, or None when there is none; a one-line EngineError when it cannot be read."""
+    from .errors import EngineError
+
+    path = os.path.join(work_dir, RESULT)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f'{path}: unreadable result file ({exc})') from None
 
 
 def checkpoint_path(work_dir: str) -> str:

@@ -14,14 +14,12 @@ record in the results store (when it has one). Bad input exits with code 2 and o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHECKPOINT = 'finetuned.pth'
-RESULT = 'result.json'
+from curriculum.finetuned import RESULT, read_result  # noqa: E402  (light: no torch)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,19 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--grid-images', type=int, default=8, help='rows of the overlay grid')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
     return parser.parse_args(argv)
-
-
-def read_result(work_dir: str) -> dict | None:
-    from benchmarks.attention import AttentionError
-
-    path = os.path.join(work_dir, RESULT)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise AttentionError(f'{path}: unreadable result file ({exc})') from None
 
 
 def dataset_source(args, result: dict | None) -> tuple[str, str | None, dict]:
@@ -108,16 +93,10 @@ def run(args) -> int:
     from benchmarks.attention import (AttentionError, analyse, inputs_from_dataset, inputs_from_folder,
                                       render_grid, report_dict)
     from benchmarks.files import write_json_atomic
-    from curriculum.errors import CheckpointError
-    from curriculum.finetuned import load_finetuned
+    from curriculum.finetuned import checkpoint_path, load_finetuned
 
-    work_dir = args.work_dir
-    if not os.path.isdir(work_dir):
-        raise AttentionError(f'work dir not found: {work_dir}')
-    checkpoint = os.path.join(work_dir, CHECKPOINT)
-    if not os.path.isfile(checkpoint):
-        raise CheckpointError(f'no {CHECKPOINT} in {work_dir}: the run has no fine-tuned model; '
-                              f'run tools/run_curriculum.py with --protocols finetune')
+    work_dir = args.work_dir  # main_on_work_dir checked that it exists
+    checkpoint = checkpoint_path(work_dir)
     if args.max_images < 1:
         raise AttentionError(f'--max-images must be at least 1, got {args.max_images}')
     result = read_result(work_dir)

@@ -15,14 +15,14 @@ All images of the dataset are scored by default (every split; ``--split`` picks 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULT = 'result.json'
+from curriculum.finetuned import RESULT, read_result  # noqa: E402  (light: no torch)
+
 OUTPUT = 'external.json'
 SPLITS = ('all', 'train', 'val', 'test')
 #: ISIC-2019 class names and their HAM10000 ``dx`` codes (SCC and UNK have no HAM10000 counterpart)
@@ -50,20 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- the run --------------------------------------------------------------------------------------------------
 def read_run(work_dir: str) -> dict:
-    """``work_dir/result.json``; one-line EngineError when it is missing or unreadable."""
+    """``work_dir/result.json``; one-line EngineError when it is missing, unreadable or has no image size."""
     from curriculum.errors import EngineError
 
-    path = os.path.join(work_dir, RESULT)
-    if not os.path.isfile(path):
+    result = read_result(work_dir)
+    if result is None:
         raise EngineError(f'no {RESULT} in {work_dir}: not a finished run of tools/run_curriculum.py '
                           f'(its image size and classes are needed)')
-    try:
-        with open(path) as handle:
-            result = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise EngineError(f'{path}: unreadable result file ({exc})') from None
     if not isinstance(result, dict) or not result.get('image_size'):
-        raise EngineError(f'{path}: no image_size in the result file')
+        raise EngineError(f'{os.path.join(work_dir, RESULT)}: no image_size in the result file')
     return result
 
 
