@@ -189,28 +189,44 @@ def _compare(a: Cell, b: Cell) -> str:
             f'(bootstrap 95% CIs over test images) {"overlap: no clear difference" if overlap else "do not overlap"}')
 
 
+def select_on_val(runs: list[dict], protocol: str) -> dict[str, Cell | None]:
+    """The cells a study compares under ``protocol``: ``scratch`` (the ``none`` baseline), ``best_single`` (the
+    single task with the highest mean validation headline) and ``best_multi`` (the same among orderings of two or
+    more tasks); None where the runs have no such cell. Chosen on val, never on test."""
+    _, cells = _cells(runs, protocol)
+    pretrained = [c for c in cells.values() if not c.baseline]
+
+    def best(candidates: list[Cell]) -> Cell | None:
+        return max(candidates, key=lambda c: nan_low(c.val_mean())) if candidates else None
+
+    return {'scratch': cells.get('none'),
+            'best_single': best([c for c in pretrained if len(c.order) == 1]),
+            'best_multi': best([c for c in pretrained if len(c.order) >= 2])}
+
+
 def findings(runs: list[dict], protocol: str) -> list[str]:
     """Computed statements for one board: best multi-task ordering (chosen on val) vs scratch and vs the best single
     task (chosen on val), with paired 95 % CIs over seeds; and the mean gain by curriculum label."""
     headline, cells = _cells(runs, protocol)
     multi = [c for c in cells.values() if len(c.order) >= 2 and not c.baseline]
     single = [c for c in cells.values() if len(c.order) == 1 and not c.baseline]
-    scratch = cells.get('none')
+    chosen = select_on_val(runs, protocol)
+    scratch = chosen['scratch']
     lines = []
     if multi:
-        best = max(multi, key=lambda c: nan_low(c.val_mean()))
+        best = chosen['best_multi']
         lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
                      f'{_with_ci(*mean_t_interval(list(best.test.values())))} over {len(best.test)} seed(s).')
         if scratch:
             lines.append(f'  - vs from scratch ({_with_ci(*mean_t_interval(list(scratch.test.values())))}): '
                          f'{_compare(best, scratch)}.')
         if single:
-            best_single = max(single, key=lambda c: nan_low(c.val_mean()))
+            best_single = chosen['best_single']
             interval = _with_ci(*mean_t_interval(list(best_single.test.values())))
             lines.append(f'  - vs the best single task, **{best_single.label}** ({interval}): '
                          f'{_compare(best, best_single)}.')
     if single and scratch:
-        top = max(single, key=lambda c: nan_low(c.val_mean()))
+        top = chosen['best_single']
         lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')
     scores = {c.order[0]: c.test_mean() for c in single}
     by_label: dict[str, list[float]] = {}
