@@ -20,6 +20,17 @@ import numpy as np
 from benchmarks.metrics import mean_t_interval
 
 METRICS = ('balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa')
+
+
+def sweep_work_dir(work_root: str, label: str, seed: int, label_fraction: float = 1.0) -> str:
+    """The work dir of one sweep run: ``<work_root>/sweeps/<label>/seed<seed>`` with all the labels (the folder
+    sweeps have always used), ``.../seed<seed>-labels<fraction>`` otherwise, so that runs of one ordering and seed
+    at several label fractions keep their own result.json and finetuned.pth."""
+    fraction = float(label_fraction)
+    name = f'seed{int(seed)}' if fraction == 1.0 else f'seed{int(seed)}-labels{fraction:g}'
+    return os.path.join(work_root, 'sweeps', label, name)
+
+
 def all_orderings(tasks: list[str], max_len: int) -> list[tuple[str, ...]]:
     """Every ordering of distinct tasks of length 1..max_len (15 for 3 tasks up to length 3)."""
     out = []

@@ -3,9 +3,11 @@
 The report is rendered from compact JSON Lines exports of the results store only, so it can be rebuilt in seconds
 on any machine and compared byte for byte. It holds, per experiment: the set-up as run, computed findings (the
 best multi-task ordering, chosen on the validation split, against training from scratch and against the best
-single task, with paired 95 % CIs over seeds), whether the curriculum label predicts the gain, the leaderboards
-of :mod:`curriculum.leaderboard`, a label-efficiency plot, reference numbers from the literature, and the
-hand-written discussion ``docs/results_discussion.md``. Written here: no library knows this study's layout.
+single task, with paired 95 % CIs over seeds), whether the curriculum label predicts the gain, the source study's
+Table 1 beside ours, the leaderboards of :mod:`curriculum.leaderboard`, the compute of each row, a label-efficiency
+plot, reference numbers from the literature, and the hand-written discussion ``docs/results_discussion.md``. The
+statistics and tables beyond the findings are computed in :mod:`curriculum.study_analysis`. Written here: no
+library knows this study's layout.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from .errors import PlanError
 from .leaderboard import (build_leaderboards, comparison_key, curriculum_label, nan_low, render_markdown,
                           run_label)
 from .plan import parse_order, read_yaml
+from .external_study import external_section
+from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line,
+                             label_efficiency_series, source_section)
 
 DISCUSSION_FILE = 'results_discussion.md'
 PLOT_FILE = 'results_label_efficiency.png'
@@ -241,6 +246,8 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
                  for label, gains in sorted(by_label.items())]
         lines.append('- Mean gain of a multi-task ordering over its first task alone, by curriculum label: '
                      + '; '.join(parts) + '.')
+    if multi:
+        lines.append(curriculum_hypothesis_line(curriculum_gains(cells, scores)))
     return lines
 
 
@@ -318,43 +325,65 @@ def _missing_cells(runs: list[dict]) -> list[str]:
     return [f'{order} seed {seed} fraction {fraction:g}' for order, seed, fraction in missing]
 
 
+#: the three label-efficiency series: legend text, x offset factor (so error bars do not hide each other), style
+_SERIES_STYLE = {
+    'scratch': ('from scratch (none)', 1.0, dict(color='black', linestyle='--', marker='s')),
+    'best_single': ('best single task (chosen on val)', 0.94, dict(color='#1f77b4', marker='o')),
+    'best_multi': ('best multi-task ordering (chosen on val)', 1.06, dict(color='#d62728', marker='^')),
+}
+
+
+def _label_efficiency_panel(axis, runs: list[dict], name: str, protocol: str) -> None:
+    """Draw the three series of one experiment × protocol on ``axis``; the two "best" series' points carry the
+    label of the ordering chosen (single task to the left, multi-task ordering to the right)."""
+    series = label_efficiency_series(runs, protocol)
+    fractions = sorted({p.fraction for points in series.values() for p in points})
+    for key in SERIES:
+        legend, shift, style = _SERIES_STYLE[key]
+        points = series[key]
+        if not points:
+            continue
+        xs, ys = [p.fraction * shift for p in points], [p.mean * 100 for p in points]
+        errors = [[(p.mean - p.low) * 100 if math.isfinite(p.low) else 0.0 for p in points],
+                  [(p.high - p.mean) * 100 if math.isfinite(p.high) else 0.0 for p in points]]
+        axis.errorbar(xs, ys, yerr=errors, label=legend, capsize=3, linewidth=1.5, markersize=4, **style)
+        if key != 'scratch':
+            left = key == 'best_single'
+            for point, x, y in zip(points, xs, ys):
+                axis.annotate(point.label, (x, y), xytext=(-5 if left else 5, 0), textcoords='offset points',
+                              ha='right' if left else 'left', va='center', fontsize=6, color=style['color'])
+    axis.set_xscale('log')
+    if fractions:
+        axis.set_xlim(fractions[0] / 2.5, fractions[-1] * 2.5)
+        axis.set_xticks(fractions, [f'{f:g}' for f in fractions])
+        axis.minorticks_off()
+    axis.set_xlabel('label fraction of the training split (log scale)')
+    axis.set_ylabel(f'test {next(_protocol_runs(runs, protocol))[2]} (%)')
+    axis.set_title(f'{name} · {protocol}: mean and 95% CI over seeds', fontsize=9)
+    axis.legend(fontsize=7)
+
+
 def _plot_label_efficiency(experiments: dict[str, list[dict]], path: str) -> bool:
-    """Headline metric against label fraction: scratch, every single task and the multi-task orderings."""
+    """One panel per experiment × protocol with two or more label fractions (two panels a row): test headline
+    against label fraction for scratch, the best single task and the best multi-task ordering, each chosen on val
+    at each fraction."""
     panels = []
     for name, runs in experiments.items():
-        fractions = sorted({float(r.get('label_fraction', 1.0)) for r in runs})
-        protocols = sorted({p for r in runs for p in r.get('downstream', {})})
-        if len(fractions) >= 2:
-            panels.extend((name, protocol) for protocol in protocols)
+        if len({float(r.get('label_fraction', 1.0)) for r in runs}) >= 2:
+            panels.extend((name, p) for p in sorted({p for r in runs for p in r.get('downstream', {})}))
     if not panels:
         return False
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for axis, (name, protocol) in zip(axes[0], panels):
-        runs = experiments[name]
-        series: dict[str, dict[float, list[float]]] = {}
-        headline = 'balanced_accuracy'
-        for run, metrics, headline in _protocol_runs(runs, protocol):
-            value = metrics.get(headline)
-            if value is not None:
-                series.setdefault(run_label(run), {}).setdefault(float(run.get('label_fraction', 1.0)),
-                                                                 []).append(float(value) * 100)
-        for label in sorted(series):
-            points = sorted(series[label].items())
-            xs = [x for x, _ in points]
-            ys = [float(np.mean(v)) for _, v in points]
-            multi = ',' in label
-            style = dict(color='black', linewidth=2.2, linestyle='--') if label == 'none' else \
-                dict(linewidth=1.8 if multi else 1.0, alpha=0.95 if multi else 0.6, marker='o' if multi else '.')
-            axis.plot(xs, ys, label=label, **style)
-        axis.set_xscale('log')
-        axis.set_xlabel('label fraction of the training split')
-        axis.set_ylabel(f'{headline} (%) on test, mean over seeds')
-        axis.set_title(f'{name} · {protocol}', fontsize=10)
-        axis.legend(fontsize=6, ncol=2)
+    columns = min(2, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.6 * rows), squeeze=False)
+    for axis, (name, protocol) in zip(axes.flat, panels):
+        _label_efficiency_panel(axis, experiments[name], name, protocol)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis('off')
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={'Software': None})
     plt.close(fig)
@@ -409,15 +438,22 @@ def render_report(results_dir: str, out_dir: str, discussion_path: str | None = 
                 parts.append('')
                 parts += findings(group, protocol) or ['- not enough runs for a comparison yet.']
                 parts.append('')
+        evaluation = (_latest(runs).get('config') or {}).get('evaluation') or {}
+        parts += source_section(name, runs, _finetune_budget(evaluation))
         boards = render_markdown(build_leaderboards(runs)).replace('### ', '#### ')
-        parts += ['### Leaderboards', '', boards, '']
+        parts += ['### Leaderboards', '', boards.rstrip('\n'), '', *compute_table(runs)]
+        parts += external_section(results_dir, name)
     for name, path in _planned_only(experiments_dir, experiments):
         parts += [f'## {name}', '', f'**Not run yet.** Planned in `{path}`; run it with '
                   f'`python tools/study.py run {path}`.', '']
     if _plot_label_efficiency(experiments, os.path.join(out_dir, PLOT_FILE)):
         parts += ['## Label efficiency', '', f'![label efficiency]({PLOT_FILE})', '',
-                  'Test headline metric against the labeled fraction of the training split (drawn per class), '
-                  'mean over seeds; dashed black: from scratch.', '']
+                  'Test headline metric (mean over seeds, error bars: Student-t 95% CI) against the labeled '
+                  'fraction of the training split (drawn per class; log scale), one panel per experiment and '
+                  'protocol: from scratch (dashed black), the best single task and the best multi-task ordering, '
+                  'each chosen on the validation split at each fraction (its label is written by each point; '
+                  'the two "best" series are drawn slightly left and right of their fraction so the error bars '
+                  'stay apart).', '']
     parts += ['## Reference numbers from the literature (quoted, not measured here)', '']
     for title, rows in REFERENCES:
         parts.append(f'- {title}: ' + '; '.join(f'{what} {value}' for what, value in rows) + '.')

@@ -143,3 +143,141 @@ def test_single_seed_findings_compare_bootstrap_intervals():
     assert 'vs from scratch' in lines and '+12.00 points, one seed: 58.00-66.00 vs 45.00-55.00' in lines
     assert 'do not overlap' in lines                     # a,b vs scratch
     assert 'overlap: no clear difference' in lines       # a,b vs a
+
+
+# --- study analysis: curriculum-hypothesis test, label-efficiency series, Table 1, compute per row ----------------
+
+def test_spearman_uses_average_ranks_for_ties():
+    from curriculum.study_analysis import average_ranks, spearman
+
+    assert list(average_ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([0, 0, 1, 1], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(2 / 5 ** 0.5)
+    assert spearman([1, 1, 1], [1, 2, 3]) != spearman([1, 1, 1], [1, 2, 3])        # constant: NaN
+
+
+def test_exact_permutation_p_enumerates_every_label_assignment():
+    from curriculum.study_analysis import label_permutation_test
+
+    # Cs on the two largest gains: rho = 2/sqrt(5); of the 6 assignments, {3, 4} and {1, 2} are as extreme
+    test = label_permutation_test([False, False, True, True], [0.1, 0.2, 0.3, 0.4])
+    assert test.exact and test.assignments == 6 and test.hits == 2
+    assert test.rho == pytest.approx(0.894, abs=1e-3) and test.p == pytest.approx(2 / 6)
+    reverse = label_permutation_test([True, True, False, False], [0.1, 0.2, 0.3, 0.4])
+    assert reverse.rho == pytest.approx(-test.rho) and reverse.p == pytest.approx(2 / 6)   # two-sided
+    middle = label_permutation_test([False, True, True, False], [0.1, 0.2, 0.3, 0.4])
+    assert middle.rho == pytest.approx(0.0) and middle.p == pytest.approx(1.0)
+
+
+def test_monte_carlo_permutation_p_is_deterministic_and_close_to_exact():
+    from curriculum.study_analysis import label_permutation_test
+
+    is_c = [True, False, True, False, False, True, False, False]
+    gains = [0.5, 0.1, 0.4, -0.2, 0.0, 0.3, 0.2, -0.1]
+    exact = label_permutation_test(is_c, gains)
+    assert exact.exact and exact.assignments == 56
+    first = label_permutation_test(is_c, gains, exact_limit=0, draws=5000)
+    second = label_permutation_test(is_c, gains, exact_limit=0, draws=5000)
+    assert not first.exact and first == second
+    assert first.p == pytest.approx((1 + first.hits) / (1 + 5000))
+    assert first.rho == pytest.approx(exact.rho) and first.p == pytest.approx(exact.p, abs=0.02)
+    # 24 orderings, 12 C: 2,704,156 assignments, above the exact limit: 100,000 permutations of default_rng(0)
+    big = label_permutation_test([i % 2 == 0 for i in range(24)], [float(i % 5) + 0.01 * i for i in range(24)])
+    assert not big.exact and big.assignments == 100_000
+    assert big == label_permutation_test([i % 2 == 0 for i in range(24)], [float(i % 5) + 0.01 * i for i in range(24)])
+
+
+@pytest.mark.parametrize('pairs, reason', [
+    ([('C', 0.1), ('AC', 0.0)], '2 labelled multi-task ordering(s) whose first task was run alone (needs at least 3)'),
+    ([('AC', 0.1), ('MC', 0.0), ('MC', 0.2)], 'no curriculum (C) among the 3 labelled orderings'),
+    ([('C', 0.1), ('C', 0.0), ('C', 0.2)], 'all 3 labelled orderings are curricula (C), none AC/MC'),
+    ([('C', 0.1), ('AC', 0.1), ('MC', 0.1)], 'all 3 gains are equal'),
+])
+def test_curriculum_hypothesis_not_testable_says_why(pairs, reason):
+    from curriculum.study_analysis import curriculum_hypothesis_line
+
+    line = curriculum_hypothesis_line(pairs)
+    assert line == ('- Curriculum hypothesis (does a C label predict the gain over the first task?): '
+                    f'not testable here: {reason}.')
+
+
+def test_curriculum_hypothesis_line_and_findings():
+    from curriculum.study_analysis import curriculum_hypothesis_line
+
+    line = curriculum_hypothesis_line([('AC', 0.01), ('MC', 0.02), ('C', 0.03), ('C', 0.04)])
+    assert ('Spearman ρ = +0.89 between C (1) vs AC/MC (0) and the gain, exact permutation p = 0.33 (two-sided; '
+            '2 of 6 label assignments at least as extreme), n = 4 orderings (2 C, 2 AC/MC).') in line
+    # the toy board has one C (a,b) and one AC (b,a) ordering: too few for a test
+    lines = findings(_toy_runs(), 'linear')
+    assert lines[-1].endswith('not testable here: 2 labelled multi-task ordering(s) whose first task was run alone '
+                              '(needs at least 3).')
+
+
+def test_label_efficiency_series_choose_on_val_at_each_fraction():
+    from curriculum.study_analysis import label_efficiency_series
+
+    runs = _toy_runs() + [_run(order, seed, test, val, fraction=0.1)
+                          for seed in range(3) for order, test, val in
+                          (([], 0.30 + 0.01 * seed, 0.3), (['a'], 0.45, 0.50), (['b'], 0.40 + 0.01 * seed, 0.40),
+                           (['a', 'b'], 0.42, 0.41), (['b', 'a'], 0.44, 0.43))]
+    series = label_efficiency_series(runs, 'linear')
+    assert [(p.fraction, p.label) for p in series['best_single']] == [(0.1, 'a'), (1.0, 'b')]
+    assert [(p.fraction, p.label) for p in series['best_multi']] == [(0.1, 'b,a'), (1.0, 'b,a')]
+    scratch = series['scratch']
+    assert [p.label for p in scratch] == ['none', 'none'] and scratch[0].mean == pytest.approx(0.31)
+    assert scratch[0].low < scratch[0].mean < scratch[0].high and scratch[0].seeds == 3
+
+
+def _finetune_run(order, seed, test, seconds=100.0, stage_seconds=None, fraction=1.0):
+    run = _run(order, seed, test, test, fraction=fraction)
+    run['downstream'] = {'finetune': run['downstream']['linear']}
+    run.update(seconds=seconds, device='cpu', classes=['x', 'y', 'z'], dataset='toyskin',
+               split={'origin': 'published', 'train': 1000, 'val': 100, 'test': 200})
+    run['config'].update(image_size=32, backbone={'type': 'ResNet', 'depth': 18})
+    for stage in run['stages']:
+        stage.update(train_seconds=120.0, lr_search_seconds=60.0, seconds=stage_seconds if stage_seconds is not None
+                     else 180.0, cache_hit=stage_seconds == 0.0)
+    return run
+
+
+def test_source_table_one_side_by_side():
+    from curriculum.study_analysis import has_source_orderings, source_section
+
+    runs = [_finetune_run(order, seed, test + 0.01 * seed)
+            for seed in range(3) for order, test in
+            (([], 0.50), (['moco'], 0.60), (['odc', 'moco'], 0.65), (['moco', 'odc'], 0.55), (['rotation'], 0.70))]
+    assert has_source_orderings(runs) and not has_source_orderings([r for r in runs if len(r['order']) < 2])
+    text = '\n'.join(source_section('toy', runs, '3 epochs'))
+    assert text.startswith('### Side by side with the source study (Table 1)')
+    rows = [line for line in text.splitlines() if line.startswith('| ')][1:]
+    assert [row.split(' | ')[0] for row in rows] == ['| `odc,moco`', '| `moco`', '| `moco,odc`', '| ImageNet weights',
+                                                      '| from scratch (`none`)']
+    assert rows[0].startswith('| `odc,moco` | 75.44 | 66.00 [') and rows[0].endswith('| 3 | 1 |')
+    assert '| `moco,odc` | not quoted here | 56.00 [' in rows[2] and rows[2].endswith('| 3 | 3 |')
+    assert rows[3] == '| ImageNet weights | 73.76 | not run (no ImageNet weights on this machine) | - | - |'
+    assert rows[4].startswith('| from scratch (`none`) | 49.27 | 51.00 [') and rows[4].endswith('| 4 |')
+    assert 'rotation' not in '\n'.join(rows)
+    assert '3 classes, 1,000 training / 100 validation / 200 test images' in text
+    assert 'ours: 32 px' in text and 'ours: moco 1, odc 1' in text and 'ours: ResNet-18' in text
+    assert 'ours: 3 epochs' in text and 'ours: cpu' in text
+    scarce_only = [_finetune_run(['odc', 'moco'], 0, 0.6, fraction=0.1)]
+    assert 'No fine-tuning runs at label fraction 1 are stored yet.' in source_section('toy', scarce_only, '-')
+
+
+def test_compute_per_row_counts_every_stage_of_an_ordering():
+    from curriculum.study_analysis import compute_table
+
+    runs = [_finetune_run(['a'], 0, 0.6, seconds=300.0), _finetune_run(['a'], 1, 0.6, seconds=420.0),
+            _finetune_run(['a', 'b'], 0, 0.6, seconds=660.0),                    # both stages trained in this run
+            _finetune_run(['a', 'b'], 0, 0.6, seconds=150.0, stage_seconds=0.0, fraction=0.1),   # cache hits
+            _finetune_run([], 0, 0.5, seconds=90.0)]
+    old = _finetune_run(['b'], 0, 0.6, seconds=240.0)
+    del old['stages'][0]['train_seconds']                                         # an old record: unknown
+    rows = {line.split(' | ')[0]: line for line in compute_table(runs + [old]) if line.startswith('| ')}
+    assert rows['| ordering'] == '| ordering | pretraining (min) | downstream at 1 (min) | downstream at 0.1 (min) |'
+    assert rows['| none'] == '| none | 0.0 | 1.5 | - |'
+    assert rows['| a'] == '| a | 3.0 | 3.0 | - |'                               # (300-180 + 420-180) / 2 s
+    assert rows['| a,b'] == '| a,b | 6.0 | 5.0 | 2.5 |'                         # cached stages still count
+    assert rows['| b'] == '| b | - | 1.0 | - |'
+    assert list(rows) == ['| ordering', '| none', '| a', '| b', '| a,b']

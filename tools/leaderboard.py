@@ -92,7 +92,7 @@ def job_config(args, job: dict) -> dict:
 
 def run_job(args, job: dict, results_url: str) -> dict:
     """Run one ordering unless the results store already holds it; returns its result."""
-    from curriculum.leaderboard import comparison_key, run_label
+    from curriculum.leaderboard import comparison_key, run_label, sweep_work_dir
     from curriculum.plan import build_plan
     from curriculum.results import load_runs
     from curriculum.run import run_curriculum
@@ -104,7 +104,8 @@ def run_job(args, job: dict, results_url: str) -> dict:
                 and stored['seed'] == job['seed']):
             return stored
     label = plan.label if not job['init'] else f'init-{os.path.basename(job["init"])}'
-    work_dir = os.path.join(args.work_root, 'sweeps', label, f'seed{job["seed"]}')
+    fraction = (plan.config.get('evaluation') or {}).get('label_fraction', 1.0)
+    work_dir = sweep_work_dir(args.work_root, label, job['seed'], fraction)
     return run_curriculum(plan, work_dir, args.work_root, results_url, init_path=job['init'],
                           optuna_storage=args.optuna_storage, progress=None)
 

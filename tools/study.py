@@ -4,6 +4,8 @@
     python tools/study.py run configs/experiments/ham10000.yaml [--work-root work_dirs/study] [--workers N]
     python tools/study.py export configs/experiments/ham10000.yaml [--work-root work_dirs/study]
     python tools/study.py render [--out docs/results.md]
+    python tools/study.py external configs/experiments/ham10000.yaml --dataset isic2019 --data-root PATH
+        [--work-root work_dirs/study] [--label-fractions 1,0.1] [--device auto|cpu|cuda]
 
 An experiment file is a run config (usable as ``tools/run_curriculum.py --config FILE``) with a ``study:`` section:
 ``name``, ``orders`` (the orderings), ``seeds``, ``label_fractions`` and ``baselines``. ``run`` runs every cell that
@@ -11,7 +13,10 @@ is not stored yet through ``tools/leaderboard.py`` (prefix cache, resumable, any
 label fraction exports the experiment's runs (``export`` does only that, e.g. after an interruption), compacted, to ``docs/results/<name>.jsonl``. Those exports are the
 study's stored results: ``run`` first loads them into the results store, so a study interrupted on one machine
 continues on another without redoing finished runs; ``render`` rebuilds ``docs/results.md`` from them alone, in
-seconds.
+seconds. ``external`` applies the fine-tuned models of the cells the report compares (from scratch, the best single
+task and the best multi-task ordering, chosen on val, every seed) to another dataset whose classes map by name, with
+``tools/evaluate.py``'s scoring; its records go to ``docs/results/external/<name>.<dataset>.jsonl``
+(:mod:`curriculum.external_study`).
 """
 from __future__ import annotations
 
@@ -44,7 +49,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     render = sub.add_parser('render', help='rebuild docs/results.md from the compact exports')
     render.add_argument('--results-dir', default=RESULTS_DIR)
     render.add_argument('--out', default=REPORT)
+    external = sub.add_parser(
+        'external', help='score the fine-tuned models of the compared cells on another dataset',
+        description='Apply the fine-tuned models of the cells a study compares (from scratch, best single task, '
+                    'best multi-task ordering; chosen on val under the finetune protocol; every seed) to another '
+                    'dataset whose classes map onto the run\'s by name (tools/evaluate.py). Writes '
+                    'external-<dataset>.json in each run folder and the records '
+                    '<results-dir>/external/<study>.<dataset>.jsonl; a seed whose run folder or model is missing, '
+                    'or holds another run, is skipped with the reason.')
+    external.add_argument('experiment', help='configs/experiments/<name>.yaml')
+    external.add_argument('--dataset', required=True, help='layout name of the dataset to score (e.g. isic2019)')
+    external.add_argument('--data-root', default=None, help='its data root (not needed by the built-in datasets)')
+    external.add_argument('--work-root', default=os.path.join('work_dirs', 'study'),
+                          help='the study\'s work root (its run folders are <work-root>/sweeps/...)')
+    external.add_argument('--results-dir', default=RESULTS_DIR, help='where the compact exports live')
+    external.add_argument('--label-fractions', default=None, help='only these label fractions (comma-separated)')
+    external.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
     return parser.parse_args(argv)
+
+
+def parse_fractions(text: str | None) -> list[float] | None:
+    """``"1,0.1"`` → ``[1.0, 0.1]`` (None for None); a ValueError naming the flag for anything else."""
+    if text is None:
+        return None
+    try:
+        fractions = [float(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f'--label-fractions must be comma-separated numbers in (0, 1], got {text!r}')
+    return fractions
 
 
 def export_experiment(name: str, results_url: str, export: str) -> int:
@@ -71,9 +105,7 @@ def run_experiment(args) -> int:
         added = import_runs(results_url, read_jsonl(export))
         if added:
             print(f'[study] {study.name}: {added} stored run(s) loaded from {export}', flush=True)
-    fractions = study.label_fractions
-    if args.label_fractions:
-        fractions = [float(f) for f in args.label_fractions.split(',')]
+    fractions = parse_fractions(args.label_fractions) or study.label_fractions
     seeds = study.seeds if not args.seeds else [int(s) for s in args.seeds.split(',')]
     for fraction in fractions:
         argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
@@ -89,6 +121,54 @@ def run_experiment(args) -> int:
         export_experiment(study.name, results_url, export)
         if code:
             return code
+    return 0
+
+
+def evaluate_tool():
+    """``tools/evaluate.py`` as a module (a script beside this one, not a package member)."""
+    import importlib.util
+
+    name = '_study_evaluate_tool'
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', 'evaluate.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def external_experiment(args) -> int:
+    """Score the compared cells of one experiment on ``args.dataset`` (see :mod:`curriculum.external_study`)."""
+    from benchmarks.datasets.registry import get_loader
+    from curriculum.errors import PlanError
+    from curriculum.external_study import output_name, run_external
+    from curriculum.report import load_experiment
+    from curriculum.results import read_jsonl
+
+    study = load_experiment(args.experiment).study
+    export = os.path.join(args.results_dir, f'{study.name}.jsonl')
+    if not os.path.isfile(export):
+        raise PlanError(f'no stored runs of study {study.name}: {export} not found (run python tools/study.py run '
+                        f'{args.experiment} first, or give --results-dir)')
+    fractions = parse_fractions(args.label_fractions)
+    get_loader(args.dataset)
+    if args.data_root is not None and not os.path.exists(args.data_root):
+        raise PlanError(f'data root not found: {args.data_root}')
+    runs = read_jsonl(export)
+    if not runs:
+        raise PlanError(f'no stored runs of study {study.name} in {export}')
+    tool = evaluate_tool()
+
+    def score(work_dir: str) -> dict:
+        argv = ['--work-dir', work_dir, '--dataset', args.dataset, '--out', os.path.join(work_dir, output_name(
+            args.dataset)), '--device', args.device or 'auto']
+        if args.data_root is not None:
+            argv += ['--data-root', args.data_root]
+        report, _ = tool.evaluate(tool.parse_args(argv))
+        return report
+
+    run_external(runs, study.name, args.dataset, args.data_root, args.work_root, args.results_dir, score,
+                 fractions, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -110,6 +190,8 @@ def main(argv=None) -> int:
             export_experiment(name, default_results_url(args.work_root),
                               os.path.join(args.results_dir, f'{name}.jsonl'))
             return 0
+        if args.command == 'external':
+            return external_experiment(args)
         from curriculum.report import render_report
 
         out_dir = os.path.dirname(os.path.abspath(args.out))
