@@ -69,11 +69,22 @@ def study_inputs(args, what: str) -> tuple[list[str], list[int]]:
     return tasks, seeds
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults-showing help that never cuts a word: a long default (the comma-separated list of every
+    registered task) stays whole on its line instead of being split inside a task name."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        text = self._whitespace_matcher.sub(' ', text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 def study_parser(description: str, tool: str, tasks: str, seeds: str, seeds_help: str) -> argparse.ArgumentParser:
     """The flags of a tool that trains each task alone (``tools/<tool>.py``): ``--tasks`` (default ``tasks``),
     ``--seeds`` (default ``seeds``), ``--out``, the shared run flags, and ``--work-root`` defaulting to
     ``work_dirs/<tool>``. The tool may add its own flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument('--tasks', default=tasks, help='comma-separated pretext tasks')
     parser.add_argument('--seeds', default=seeds, help=seeds_help)
     parser.add_argument('--out', default=None, help=f'output folder (default docs/{tool}/<dataset>-<size>px)')

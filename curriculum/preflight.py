@@ -112,3 +112,23 @@ def check_batch_sizes(plan, train_images: int, world_size: int) -> None:
         if int(stage.cfg['batch_size']) > per_rank:
             raise PlanError(f'{stage.task}: batch size {stage.cfg["batch_size"]} exceeds the {per_rank} training '
                             f'images per process')
+
+
+def check_groups(plan, pretext):
+    """The training images' int64 group ids (patient / lesion) when a stage's task ``needs_groups``, else None. A
+    PlanError when such a task meets data without group ids, or a split that puts one group in two splits (the
+    task's positives are drawn within the training split; a shared group would also leak between the splits)."""
+    from pretext_tasks.registry import TASKS
+
+    needing = [stage.task for stage in plan.stages if getattr(TASKS.get(stage.task), 'needs_groups', False)]
+    if not needing:
+        return None
+    if not pretext.has_groups:
+        raise PlanError(f'{needing[0]}: needs group ids (patient or lesion) of the training images, and dataset '
+                        f'{pretext.name} has none; use a layout that gives them (e.g. ham10000, isic2019 with its '
+                        f'metadata, nih_cxr14, chexpert, siim_covid, synthetic_derm)')
+    shared = pretext.groups_across_splits()
+    if shared:
+        raise PlanError(f'{needing[0]}: {len(shared)} group(s) of {pretext.name} span two splits (e.g. '
+                        f'{shared[0]!r}); it needs a split grouped by patient / lesion')
+    return pretext.group_ids('train')

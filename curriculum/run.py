@@ -35,7 +35,7 @@ from .monitor import KnnMonitor
 from .plan import RunPlan, stage_image_size
 from .precision import apply_precision, log_once, resolve_precision
 from .results import store_run
-from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, train_stage, write_json_atomic
+from .stage import BACKBONE_FILE, STAGE_FILE, StageInputs, stage_groups, train_stage, write_json_atomic
 
 RESULT_FILE = 'result.json'
 # An LR trial interrupted by a kill is run again under its own number (curriculum.lr_search); Optuna then
@@ -88,6 +88,15 @@ def stage_inputs(ctx: RunContext, stage) -> StageInputs:
         ctx.scaled_inputs[size] = replace(ctx.inputs, train_images=data.unlabeled('train').images,
                                           val_images=data.unlabeled('val').images, image_size=size)
     return ctx.scaled_inputs[size]
+
+
+def stage_data_fingerprint(ctx: RunContext, stage) -> str:
+    """The data part of a stage's key: the pretext data's fingerprint, plus a digest of the training images' group
+    ids for a task that draws on them (their metadata can change while the pixels, labels and split do not)."""
+    if stage_groups(stage.task, ctx.inputs) is None:
+        return ctx.pretext.fingerprint
+    digest = hashlib.sha256(np.ascontiguousarray(ctx.inputs.train_groups, dtype=np.int64).tobytes()).hexdigest()
+    return f'{ctx.pretext.fingerprint}:groups={digest[:16]}'
 
 
 def _load_downstream_data(config: dict, pretext):
@@ -196,6 +205,7 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
     evaluation = dict(config.get('evaluation') or {})
     downstream_data.check_classes(float(evaluation.get('label_fraction', 1.0)), seed)
     preflight.check_batch_sizes(plan, len(pretext.unlabeled('train')), get_world_size())
+    train_groups = preflight.check_groups(plan, pretext)   # None unless a stage's task needs them
     monitor, monitor_every = build_monitor(config, pretext, device)
     os.makedirs(work_root, exist_ok=True)
     inputs = StageInputs(
@@ -205,7 +215,7 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
         # rank 0 decides (auto may measure the CPU) and every rank trains in its precision
         precision=from_rank0(resolve_precision(config.get('amp'), device, config.get('channels_last', 'auto'))
                              if get_rank() == 0 else None),
-        deterministic=bool(config.get('deterministic')))
+        deterministic=bool(config.get('deterministic')), train_groups=train_groups)
     precision = precision_key(inputs.precision, inputs.deterministic)
     if get_world_size() > 1:  # DDP: the global batch is world size × batch_size, a different stage
         precision += f':ws={get_world_size()}'
@@ -225,8 +235,9 @@ def run_stages(ctx: RunContext, work_root: str, progress=None) -> tuple[list[dic
     stages = []
     for index, stage in enumerate(ctx.plan.stages):
         stage_started = time.time()
-        key = stage_key(parent_key, stage.task, stage.cfg, ctx.search_cfg, ctx.seed, ctx.pretext.fingerprint,
-                        ctx.inputs.image_size, ctx.inputs.backbone_cfg, ctx.precision)
+        key = stage_key(parent_key, stage.task, stage.cfg, ctx.search_cfg, ctx.seed,
+                        stage_data_fingerprint(ctx, stage), ctx.inputs.image_size, ctx.inputs.backbone_cfg,
+                        ctx.precision)
         directory = stage_dir(work_root, stage.task, key)
         record_path = os.path.join(directory, STAGE_FILE)
         if progress:

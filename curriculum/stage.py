@@ -26,7 +26,7 @@ from benchmarks import files
 from benchmarks.files import temporary_name
 from pretext_tasks.base import initial_backbone
 from pretext_tasks.data import IndexedImages, collate_batch
-from pretext_tasks.registry import build_task
+from pretext_tasks.registry import build_task, get_task_class
 
 from . import faults
 from .compat import SIDECAR_SUFFIX, EngineRunner, atomic_torch_save, install, is_trusted, load_checkpoint_file
@@ -197,6 +197,9 @@ class StageInputs:
     device: str                       # 'cpu' or 'cuda'
     precision: Precision | None = None  # None: fp32 (curriculum.precision.resolve_precision)
     deterministic: bool = False
+    #: int64 group ids (patient / lesion) aligned with ``train_images``, or None when the data have none; handed
+    #: only to a task that ``needs_groups`` (pretext_tasks.base.PretextTask)
+    train_groups: np.ndarray | None = None
 
     def resolved_precision(self) -> Precision:
         return self.precision or resolve_precision('none', self.device)
@@ -226,8 +229,18 @@ def build_stage_task(task_name: str, cfg: dict, inputs: StageInputs, parent_back
     return apply_precision(task, task.backbone, inputs.resolved_precision())
 
 
-def _loader(images: np.ndarray, batch_size: int, seed: int) -> DataLoader:
-    dataset = IndexedImages(images)
+def stage_groups(task_name: str, inputs: StageInputs) -> np.ndarray | None:
+    """The training images' group ids when the task needs them (None otherwise); a PlanError when it needs them
+    and the data have none (the run checks this when it is planned: :func:`curriculum.preflight.check_groups`)."""
+    if not getattr(get_task_class(task_name), 'needs_groups', False):
+        return None
+    if inputs.train_groups is None:
+        raise PlanError(f'{task_name}: needs group ids (patient or lesion) of the training images; the data have none')
+    return inputs.train_groups
+
+
+def _loader(images: np.ndarray, batch_size: int, seed: int, groups: np.ndarray | None = None) -> DataLoader:
+    dataset = IndexedImages(images, groups=groups, seed=seed)
     per_rank = len(dataset) // max(get_world_size(), 1)
     if per_rank < batch_size:
         raise PlanError(f'batch size {batch_size} exceeds the {per_rank} training images per process')
@@ -300,7 +313,7 @@ def train_stage(task_name: str, cfg: dict, lr: float, inputs: StageInputs, paren
         barrier()  # every rank decides on resuming from the tidied folder
     started = time.time()
     task = build_stage_task(task_name, cfg, inputs, parent_backbone)
-    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed)
+    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed, stage_groups(task_name, inputs))
     epochs = int(cfg['epochs'])
     schedulers = [dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs,
                        eta_min=float(lr) * 1e-3, convert_to_iter_based=True)]
@@ -353,7 +366,7 @@ def run_trial(task_name: str, cfg: dict, lr: float, inputs: StageInputs, parent_
     """One LR-search trial: ``iterations`` steps at a constant ``lr`` from the parent backbone; returns the final
     score (higher is better). ``on_report(score, step)`` may raise ``optuna.TrialPruned``."""
     task = build_stage_task(task_name, cfg, inputs, parent_backbone)
-    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed)
+    loader = _loader(inputs.train_images, cfg['batch_size'], inputs.seed, stage_groups(task_name, inputs))
     report_hook = TrialReportHook(report_at, score, on_report)
     runner = _runner(task, trial_dir, loader, dict(by_epoch=False, max_iters=iterations, val_interval=iterations + 1),
                      _optim_wrapper(cfg, lr, inputs), [], [StageProgressHook(None), report_hook], inputs,

@@ -1,4 +1,5 @@
-"""Pretext tasks, one file each, registered by name (``@register_task``): relloc, rotation, moco, swav, odc.
+"""Pretext tasks, one file each, registered by name (``@register_task``): relloc, rotation, moco, swav, odc,
+simclr, byol, micle.
 
 Every module of this package is imported here, so a new task is its own file (with the decorator) plus its recipe
 ``configs/tasks/<name>.yaml``; nothing else lists tasks — tools and the scheduler read :data:`TASKS`. A task knows

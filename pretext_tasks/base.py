@@ -3,7 +3,8 @@
 A task is an mmengine ``BaseModel`` built from ``(backbone config, task config, number of images, image size,
 seed)``. It owns a backbone (the only thing the curriculum passes on to the next stage) plus whatever heads, necks,
 queues, memory banks or prototypes it needs (rebuilt for every stage). A training batch is
-``{'images': uint8 (B, H, W, C), 'indices': int64 (B,)}``: the task makes its own views on the batch's device with
+``{'images': uint8 (B, H, W, C), 'indices': int64 (B,)}`` (plus group partners for a task that
+``needs_groups``, :mod:`pretext_tasks.data`): the task makes its own views on the batch's device with
 :mod:`pretext_tasks.augment`, from a generator seeded by (seed, rank, iteration) so a resumed run replays exactly.
 
 Following solo-learn's split of responsibilities, the base class holds the shared machinery (backbone building and
@@ -121,6 +122,11 @@ class PretextTask(BaseModel):
 
     #: registered name (a contract used by ``--order``)
     name: ClassVar[str] = ''
+    #: True: the task draws on the training images' group ids (lesion / patient, never a label). The engine then
+    #: feeds it batches of :class:`pretext_tasks.data.IndexedImages` built with the training split's int64 group
+    #: array (each batch also holds ``groups``, ``partners`` and ``partner_indices``), and a dataset without group
+    #: ids stops the run when it is planned.
+    needs_groups: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:

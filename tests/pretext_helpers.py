@@ -19,14 +19,15 @@ from pretext_tasks.data import IndexedImages, collate_batch
 
 def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: float = 0.05,
                weight_decay: float = 1e-4, seed: int = 0, work_dir: str | None = None,
-               on_epoch_end=None) -> list[dict[str, float]]:
-    """Train ``task`` for ``epochs`` with SGD; returns per-epoch means of every logged value.
+               on_epoch_end=None, groups: np.ndarray | None = None) -> list[dict[str, float]]:
+    """Train ``task`` for ``epochs`` with SGD; returns per-epoch means of every logged value. ``groups``: the
+    images' int64 group ids, for a task that ``needs_groups`` (the batches then carry group partners).
 
     The task's own mmengine hooks (``task.hooks()``) are called at the usual points with a minimal stand-in for
     the Runner (``model``, ``epoch``, ``iter``, ``max_epochs``, ``max_iters``, ``work_dir``, ``logger``).
     ``on_epoch_end(epoch, history)``, when given, is called after every epoch (e.g. to probe the backbone)."""
     torch.manual_seed(seed)
-    dataset = IndexedImages(images)
+    dataset = IndexedImages(images, groups=groups, seed=seed)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_batch)
     optimizer = torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -103,9 +104,12 @@ LEARN_BACKBONE = dict(type='ResNet', depth=18, base_channels=16, stem_channels=1
 
 
 def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str = 'synthetic_derm',
-                data_root: str | None = None):
+                data_root: str | None = None, with_groups: bool = False):
     """A fixed random sample of the train and val splits: ``(images, labels, train_idx, val_idx)`` where the index
-    arrays point into the returned arrays. ``data_root``: for a real dataset (e.g. ``../shared/data/ham10000``)."""
+    arrays point into the returned arrays. ``data_root``: for a real dataset (e.g. ``../shared/data/ham10000``).
+    ``with_groups``: also return the int64 group ids of the returned images (a fifth item); the sample then keeps
+    whole groups of the train split (the first ``train`` images of the shuffled groups, the last group cut), so
+    that a group's images are in the sample together."""
     import os
 
     from benchmarks.datasets import load_dataset
@@ -113,31 +117,46 @@ def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str 
     data = load_dataset(dataset, data_root, image_size=size, seed=0,
                         cache_dir=os.environ.get('CURRICULUM_SSL_CACHE'))
     rng = np.random.default_rng(0)
-    train_idx = rng.permutation(data.indices('train'))[:train]
+    if with_groups:
+        train_all, train_groups = data.indices('train'), data.group_ids('train')
+        chosen = rng.permutation(np.unique(train_groups))
+        rank = np.empty(train_groups.max() + 1, dtype=np.int64)
+        rank[chosen] = np.arange(len(chosen))
+        train_idx = train_all[np.argsort(rank[train_groups], kind='stable')][:train]
+    else:
+        train_idx = rng.permutation(data.indices('train'))[:train]
     val_idx = rng.permutation(data.indices('val'))[:val]
     order = np.concatenate([train_idx, val_idx])
-    return (np.asarray(data.images)[order], np.asarray(data.labels)[order], np.arange(len(train_idx)),
-            np.arange(len(train_idx), len(order)))
+    sample = (np.asarray(data.images)[order], np.asarray(data.labels)[order], np.arange(len(train_idx)),
+              np.arange(len(train_idx), len(order)))
+    if with_groups:
+        codes = np.unique(data.records.groups, return_inverse=True)[1].astype(np.int64).reshape(-1)
+        sample += (codes[order],)
+    return sample
 
 
 def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay: float = 1e-4,
                  batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm',
-                 data_root: str | None = None) -> dict:
-    """Train task ``name`` from a random init on a :func:`derm_sample` and probe it before and after.
+                 data_root: str | None = None, size: int = 64, train: int = 1200, val: int = 400) -> dict:
+    """Train task ``name`` from a random init on a :func:`derm_sample` (``train`` / ``val`` images at ``size`` px)
+    and probe it before and after. A task that ``needs_groups`` gets the sample's group ids.
 
     Returns ``task``, ``history`` (per-epoch means), ``seconds`` (training only) and ``random`` / ``trained``: the
     two kNN probes of :func:`knn_probes` (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
     import time
 
-    from pretext_tasks.registry import build_task
+    from pretext_tasks.registry import build_task, get_task_class
 
-    images, labels, train_idx, val_idx = derm_sample(dataset=dataset, data_root=data_root)
+    needs_groups = getattr(get_task_class(name), 'needs_groups', False)
+    sample = derm_sample(train, val, size, dataset=dataset, data_root=data_root, with_groups=needs_groups)
+    images, labels, train_idx, val_idx = sample[:4]
+    groups = sample[4][train_idx] if needs_groups else None
     torch.manual_seed(0)
     task = build_task(name, backbone or LEARN_BACKBONE, dict(task_cfg), len(train_idx), images.shape[1], seed=0)
     random_probes = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     start = time.perf_counter()
     history = train_task(task, images[train_idx], epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay)
+                         weight_decay=weight_decay, groups=groups)
     seconds = time.perf_counter() - start
     trained = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     metric = history[-1].get('pretext_acc')
@@ -146,7 +165,7 @@ def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay
           + f'; kNN raw {random_probes["raw"]:.3f} (random) -> {trained["raw"]:.3f}, recalibrated '
           f'{random_probes["recalibrated"]:.3f} -> {trained["recalibrated"]:.3f}; {epochs} epochs in {seconds:.0f} s')
     return {'task': task, 'history': history, 'seconds': seconds, 'random': random_probes, 'trained': trained,
-            'images': images, 'labels': labels, 'train_idx': train_idx, 'val_idx': val_idx}
+            'images': images, 'labels': labels, 'train_idx': train_idx, 'val_idx': val_idx, 'groups': groups}
 
 
 def assert_validation_is_deterministic_and_side_effect_free(task, images: np.ndarray) -> None:
@@ -186,3 +205,95 @@ def assert_nan_loss_names_task_epoch_and_iteration(task, task_module, monkeypatc
         train_task(task, images, epochs=3, batch_size=4)
     message = str(info.value)
     assert task.name in message and 'epoch 2' in message and 'iteration 6' in message
+
+
+# -- kill and resume, and the hand-over: a task's stage through the engine ------------------------------------------
+#: the stage of the resume tests: 96 synthetic_derm training images at 32 px (whole lesions, with their group ids),
+#: a ResNet-18 with 8 base channels, batches of 16 (6 iterations an epoch), 2 epochs, fp32, deterministic kernels
+RESUME_BACKBONE = dict(type='ResNet', depth=18, base_channels=8, stem_channels=8, out_indices=[3])
+RESUME_IMAGES, RESUME_BATCH, RESUME_EPOCHS = 96, 16, 2
+
+
+def resume_stage_config(task: str, **overrides) -> dict:
+    """The task's recipe as the engine resolves it, shortened for the resume tests."""
+    from curriculum.plan import build_plan, load_config
+
+    options = {'epochs': RESUME_EPOCHS, f'tasks.{task}.batch_size': RESUME_BATCH}
+    options.update({f'tasks.{task}.{key}': value for key, value in overrides.items()})
+    return build_plan(task, load_config(None, options)).stages[0].cfg
+
+
+def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
+    """Run (or resume) the resume tests' stage in ``stage_dir``; the stage record goes to ``record.json`` there."""
+    import json
+    import os
+
+    from curriculum.precision import resolve_precision
+    from curriculum.stage import StageInputs, train_stage
+
+    images, _, train_idx, val_idx, groups = derm_sample(RESUME_IMAGES, 16, 32, with_groups=True)
+    inputs = StageInputs(train_images=images[train_idx], val_images=images[val_idx], image_size=32,
+                         backbone_cfg=dict(RESUME_BACKBONE), seed=0, device='cpu',
+                         precision=resolve_precision('none', 'cpu'), deterministic=True,
+                         train_groups=groups[train_idx])
+    record = train_stage(task, cfg, lr, inputs, None, stage_dir)
+    with open(os.path.join(stage_dir, 'record.json'), 'w') as handle:
+        json.dump(record, handle)
+
+
+def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None = None):
+    """:func:`_resume_stage_main` in a fresh Python process (one thread; ``CURRICULUM_FAULT=fault`` kills it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (f'import json, sys; sys.path[:0] = [{os.path.dirname(tests)!r}, {tests!r}]; '
+            f'from pretext_helpers import _resume_stage_main; _resume_stage_main(*json.loads(sys.argv[1]))')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.pop('CURRICULUM_FAULT', None)
+    if fault:
+        env['CURRICULUM_FAULT'] = fault
+    return subprocess.run([sys.executable, '-c', code, json.dumps([task, cfg, lr, str(stage_dir)])],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: dict, lr: float, tmp_path) -> dict:
+    """The task's stage killed (SIGKILL) in its second epoch, after the first epoch's checkpoint, then run again,
+    ends exactly as the uninterrupted stage: same per-epoch history (every logged value) and the same backbone,
+    tensor for tensor. The backbone file it hands on holds exactly the backbone's weights (none of the task's
+    heads, necks, target networks or queues) and loads strictly into the initial backbone. Returns the record."""
+    import json
+    import signal
+
+    from curriculum.compat import load_checkpoint_file
+    from curriculum.stage import BACKBONE_FILE
+    from pretext_tasks.base import initial_backbone
+
+    def finished(stage_dir, proc) -> tuple[dict, dict]:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        record = json.loads((stage_dir / 'record.json').read_text())
+        return record, load_checkpoint_file(str(stage_dir / BACKBONE_FILE), map_location='cpu')
+
+    reference, reference_backbone = finished(tmp_path / 'reference',
+                                             _stage_process(task, cfg, lr, tmp_path / 'reference'))
+    killed = tmp_path / 'killed'
+    per_epoch = reference['num_images'] // RESUME_BATCH   # iterations of an epoch (drop_last)
+    proc = _stage_process(task, cfg, lr, killed, fault=f'train_iter:{per_epoch + 2}')
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+    assert (killed / 'epoch_1.pth').exists() and not (killed / BACKBONE_FILE).exists()
+    resumed, resumed_backbone = finished(killed, _stage_process(task, cfg, lr, killed))
+    assert resumed['resumed_at_epoch'] == 1 and reference['resumed_at_epoch'] == 0
+    assert [entry['epoch'] for entry in resumed['history']] == list(range(1, RESUME_EPOCHS + 1))
+    assert resumed['history'] == reference['history']
+    assert set(resumed_backbone) == set(reference_backbone)
+    for name, value in reference_backbone.items():
+        assert torch.equal(resumed_backbone[name], value), name
+
+    # the hand-over: the backbone's weights and nothing else
+    fresh = initial_backbone(RESUME_BACKBONE, 0)
+    assert set(reference_backbone) == set(fresh.state_dict())
+    result = fresh.load_state_dict(reference_backbone, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return reference

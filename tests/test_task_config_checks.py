@@ -16,6 +16,9 @@ BAD = [
     ('odc', 'images_per_cluster', 0, 'odc: images_per_cluster must be a positive integer, got 0'),
     ('odc', 'min_cluster_size', -1, 'odc: min_cluster_size must be a positive integer, got -1'),
     ('odc', 'kmeans_iters', 0, 'odc: kmeans_iters must be a positive integer, got 0'),
+    ('simclr', 'temperature', 0, 'simclr: temperature must be a positive number, got 0'),
+    ('micle', 'batch_size', 0, 'micle: batch_size must be a positive integer, got 0'),
+    ('byol', 'feat_dim', -2, 'byol: feat_dim must be a positive integer, got -2'),
 ]
 
 
@@ -36,7 +39,7 @@ def test_config_positive_returns_the_value_and_rejects_nan_and_non_numbers():
 
 
 def test_the_defaults_pass():
-    for task in ('moco', 'odc'):
+    for task in ('moco', 'odc', 'simclr', 'byol', 'micle'):
         get_task_class(task).check_config({}, 32)
 
 

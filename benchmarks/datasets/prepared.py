@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ImageRecords
+from .base import SPLIT_NAMES, ImageRecords
 from .cache import decoded_images, resize_uint8
-from .errors import EmptySplitError, TooFewClassesError
+from .errors import DatasetError, EmptySplitError, TooFewClassesError
 from .registry import load_records
 from .splits import DEFAULT_FRACTIONS, label_fraction_subset, make_splits
 
@@ -127,6 +127,32 @@ class PreparedDataset:
             if missing:
                 raise TooFewClassesError(f'{where}: class {self.class_names[missing[0]]!r} has {split} images but '
                                          f'no labeled training image{fraction}')
+
+    # -- group ids (patient / lesion) ---------------------------------------------------------------------------
+    @property
+    def has_groups(self) -> bool:
+        """Whether the layout gives every image a group id (patient or lesion)."""
+        return self.records.groups is not None
+
+    def group_ids(self, split: str = 'train') -> np.ndarray:
+        """The int64 group ids of the images of ``split``, aligned with :meth:`unlabeled` (``split``); equal ids in
+        the metadata are equal codes in every split. :class:`DatasetError` when the layout has no group ids."""
+        if self.records.groups is None:
+            raise DatasetError(f'{self.name} ({self.records.root}) has no group ids (patient or lesion)')
+        codes = np.unique(self.records.groups, return_inverse=True)[1].astype(np.int64).reshape(-1)
+        return codes[self.indices(split)]
+
+    def groups_across_splits(self) -> list[str]:
+        """The group ids found in more than one split (sorted; empty when the split is grouped, as generated
+        splits always are, or when there are no group ids)."""
+        if self.records.groups is None:
+            return []
+        codes, first = np.unique(self.records.groups, return_inverse=True)
+        first = first.reshape(-1)
+        split_code = np.select([self.split == name for name in SPLIT_NAMES], range(len(SPLIT_NAMES)))
+        table = np.zeros((len(codes), len(SPLIT_NAMES)), dtype=bool)
+        table[first, split_code] = True
+        return [str(codes[i]) for i in np.flatnonzero(table.sum(1) > 1)]
 
     def unlabeled(self, split: str = 'train') -> UnlabeledImages:
         """The images of ``split`` without labels, for pretext training."""

@@ -251,22 +251,24 @@ class OurTraining:
     def __init__(self, task_name: str, images: np.ndarray, device: str = 'cpu', batch_size: int = BATCH_SIZE,
                  seed: int = 0, amp: str = 'auto', work_dir: str | None = None):
         from curriculum.precision import resolve_precision
-        from curriculum.stage import StageInputs, _loader, _optim_wrapper, build_stage_task
+        from curriculum.stage import StageInputs, _loader, _optim_wrapper, build_stage_task, stage_groups
         from mmengine.optim import build_optim_wrapper
         from pretext_tasks.base import DEFAULT_BACKBONE
 
         self.task_name, self.device, self.batch_size = task_name, device, int(batch_size)
         self.cfg, self.recipe_source = task_config(task_name, batch_size)
         image_size = int(images.shape[1])
+        # a task that draws on group ids is timed with every image its own group (its partner is itself: the
+        # batch carries the same partner images whichever image each one is)
         inputs = StageInputs(train_images=images, val_images=images[:batch_size], image_size=image_size,
                              backbone_cfg=dict(DEFAULT_BACKBONE), seed=seed, device=device,
-                             precision=resolve_precision(amp, device))
+                             precision=resolve_precision(amp, device), train_groups=np.arange(len(images)))
         self.precision = inputs.precision
         self.channels_last = inputs.precision.channels_last
         torch.manual_seed(seed)
         started = time.perf_counter()
         self.task = build_stage_task(task_name, self.cfg, inputs, None).to(device)
-        self.loader = _loader(images, self.batch_size, seed)
+        self.loader = _loader(images, self.batch_size, seed, stage_groups(task_name, inputs))
         self.optim_wrapper = build_optim_wrapper(self.task, _optim_wrapper(self.cfg, float(self.cfg['lr']), inputs))
         self._own_dir = work_dir is None
         self.work_dir = work_dir or tempfile.mkdtemp(prefix=f'bench-{task_name}-')
