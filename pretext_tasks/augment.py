@@ -102,6 +102,16 @@ def random_grayscale(x: torch.Tensor, generator: torch.Generator, p: float = 0.2
     return torch.where(apply, grayscale(x), x)
 
 
+def colour_distortion(x: torch.Tensor, generator: torch.Generator, jitter=(0.4, 0.4, 0.4, 0.1), strength: float = 1.0,
+                      p: float = 0.8, grayscale_p: float = 0.2) -> torch.Tensor:
+    """The SimCLR family's colour distortion: :func:`color_jitter` with ``jitter`` (brightness, contrast, saturation,
+    hue) scaled by ``strength`` at probability ``p``, then :func:`random_grayscale` at ``grayscale_p``."""
+    s = float(strength)
+    brightness, contrast, saturation, hue = jitter
+    x = color_jitter(x, generator, brightness * s, contrast * s, saturation * s, hue * s, p=p)
+    return random_grayscale(x, generator, p=grayscale_p)
+
+
 def gaussian_blur(x: torch.Tensor, generator: torch.Generator, sigma=(0.1, 2.0), p: float = 0.5,
                   reference_size: int = 224) -> torch.Tensor:
     """Per-image Gaussian blur with probability ``p``. ``sigma`` is given for ``reference_size`` px images (the

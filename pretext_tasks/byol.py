@@ -29,7 +29,7 @@ import torch.nn as nn
 from mmengine.logging import MessageHub
 from mmpretrain.models.utils import CosineEMA
 
-from .augment import color_jitter, gaussian_blur, normalize, random_grayscale, random_resized_crop, solarize, \
+from .augment import colour_distortion, gaussian_blur, normalize, random_resized_crop, solarize, \
     to_float_nchw
 from .base import PretextTask, check_crop_scale, check_probabilities, config_number, config_positive
 from .errors import PretextConfigError
@@ -65,8 +65,7 @@ def byol_view(x: torch.Tensor, size: int, generator: torch.Generator, scale, col
               blur_prob: float, solarize_prob: float) -> torch.Tensor:
     s = float(color_strength)
     view = random_resized_crop(x, size, generator, scale=scale)
-    view = color_jitter(view, generator, 0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s, p=0.8)
-    view = random_grayscale(view, generator, p=0.2)
+    view = colour_distortion(view, generator, (0.4, 0.4, 0.2, 0.1), s)
     view = gaussian_blur(view, generator, p=blur_prob)
     if solarize_prob > 0:
         view = solarize(view, generator, p=solarize_prob)

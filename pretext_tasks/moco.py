@@ -18,11 +18,10 @@ from mmengine.dist import get_world_size
 from mmpretrain.models.heads import ContrastiveHead
 
 from .augment import (
-    color_jitter,
+    colour_distortion,
     gaussian_blur,
     mocov2_view,
     normalize,
-    random_grayscale,
     random_resized_crop,
     to_float_nchw,
 )
@@ -137,8 +136,7 @@ class MoCoTask(PretextTask):
             return mocov2_view(x, self.image_size, generator, scale=self.crop_scale)
         s = self.color_strength  # the same pipeline with the colour jitter scaled
         view = random_resized_crop(x, self.image_size, generator, scale=self.crop_scale)
-        view = color_jitter(view, generator, 0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s, p=0.8)
-        view = random_grayscale(view, generator, p=0.2)
+        view = colour_distortion(view, generator, (0.4, 0.4, 0.4, 0.1), s)
         view = gaussian_blur(view, generator, p=0.5)
         return normalize(view)
 

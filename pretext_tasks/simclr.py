@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 
 from .augment import (
-    color_jitter,
+    colour_distortion,
     gaussian_blur,
     normalize,
-    random_grayscale,
     random_resized_crop,
     to_float_nchw,
 )
@@ -45,8 +44,7 @@ def simclr_view(x: torch.Tensor, size: int, generator: torch.Generator, scale=(0
     ``color_strength`` (jitter 0.8s/0.8s/0.8s/0.2s at p 0.8, grayscale p 0.2), blur at p ``blur_prob``."""
     s = float(color_strength)
     view = random_resized_crop(x, size, generator, scale=scale)
-    view = color_jitter(view, generator, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
-    view = random_grayscale(view, generator, p=0.2)
+    view = colour_distortion(view, generator, (0.8, 0.8, 0.8, 0.2), s)
     if blur_prob > 0:
         view = gaussian_blur(view, generator, p=blur_prob)
     return normalize(view)

@@ -32,10 +32,9 @@ from __future__ import annotations
 import torch
 
 from .augment import (
-    color_jitter,
+    colour_distortion,
     gaussian_blur,
     normalize,
-    random_grayscale,
     random_resized_crop,
     to_float_nchw,
 )
@@ -67,8 +66,7 @@ def swav_view(x: torch.Tensor, size: int, generator: torch.Generator, scale, ref
     p 0.8, grayscale p 0.2, blur p 0.5, normalisation."""
     view = random_resized_crop(x, size, generator, scale=scale)
     s = float(color_strength)
-    view = color_jitter(view, generator, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
-    view = random_grayscale(view, generator, p=0.2)
+    view = colour_distortion(view, generator, (0.8, 0.8, 0.8, 0.2), s)
     view = gaussian_blur(view, generator, p=0.5, reference_size=reference_size)
     return normalize(view)
 
