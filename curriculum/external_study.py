@@ -2,7 +2,7 @@
 
 ``python tools/study.py external EXPERIMENT --dataset NAME --data-root PATH`` works from the study's stored runs
 (``docs/results/<study>.jsonl``). For each label fraction it takes, under the ``finetune`` protocol, the cells the
-report compares, chosen on the validation split by :func:`curriculum.report.select_on_val`: training from scratch,
+report compares, chosen on the validation split by :func:`curriculum.study_cells.select_on_val`: training from scratch,
 the best single task and the best multi-task ordering. Each seed of each cell is found in its sweep folder
 (:func:`curriculum.leaderboard.sweep_work_dir`) and used only when the folder's ``result.json`` is that very run
 (ordering, seed, label fraction and config hash as stored) and holds a ``finetuned.pth``; otherwise the seed is
@@ -27,9 +27,10 @@ from benchmarks.metrics import mean_t_interval
 from .errors import CheckpointError, EngineError
 from .finetuned import CHECKPOINT, read_result
 from .leaderboard import comparison_key, run_label, sweep_work_dir
+from .study_cells import select_on_val
 
 PROTOCOL = 'finetune'
-#: the cells of a study that are scored, in table order (the keys of :func:`curriculum.report.select_on_val`)
+#: the cells of a study that are scored, in table order (the keys of :func:`curriculum.study_cells.select_on_val`)
 ROLES = ('scratch', 'best_single', 'best_multi')
 ROLE_TITLES = {'scratch': 'from scratch', 'best_single': 'best single task', 'best_multi': 'best multi-task'}
 METRICS = ('balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa')
@@ -90,7 +91,6 @@ def plan_targets(runs: list[dict], work_root: str, fractions: list[float] | None
     """The (fraction, role, ordering, seed) to score, the ordering chosen for each (fraction, role), and notes.
 
     ``fractions`` restricts the label fractions (all stored ones by default)."""
-    from .report import select_on_val
 
     groups, notes = fraction_groups(runs)
     targets, chosen_orderings = [], {}

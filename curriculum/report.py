@@ -15,19 +15,19 @@ import glob
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from benchmarks.metrics import mean_t_interval
 
 from .errors import PlanError
-from .leaderboard import (build_leaderboards, comparison_key, curriculum_label, nan_low, render_markdown,
-                          run_label)
-from .plan import parse_order, read_yaml
 from .external_study import external_section
+from .leaderboard import build_leaderboards, comparison_key, curriculum_label, render_markdown, run_label
+from .plan import parse_order, read_yaml
 from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line,
                              label_efficiency_series, source_section)
+from .study_cells import Cell, board_cells, protocol_runs, select_on_val
 
 DISCUSSION_FILE = 'results_discussion.md'
 PLOT_FILE = 'results_label_efficiency.png'
@@ -136,46 +136,6 @@ def _verdict(low: float, high: float, pairs: int) -> str:
 
 # --- per-board findings ----------------------------------------------------------------------------------------
 
-@dataclass
-class Cell:
-    """One ordering (or baseline) under one protocol: test and val headline per seed."""
-    label: str
-    order: tuple[str, ...]
-    baseline: bool
-    test: dict[int, float]
-    val: dict[int, float]
-    ci: dict[int, list] = field(default_factory=dict)   # bootstrap 95 % CI over test images, per seed
-
-    def test_mean(self) -> float:
-        return mean_t_interval(list(self.test.values()))[0]
-
-    def val_mean(self) -> float:
-        return mean_t_interval(list(self.val.values()))[0]
-
-
-def _protocol_runs(runs: list[dict], protocol: str):
-    """``(run, metrics, headline)`` for every run evaluated with ``protocol``."""
-    for run in runs:
-        metrics = (run.get('downstream') or {}).get(protocol)
-        if metrics:
-            yield run, metrics, metrics.get('headline', 'balanced_accuracy')
-
-
-def _cells(runs: list[dict], protocol: str) -> tuple[str, dict[str, Cell]]:
-    cells: dict[str, Cell] = {}
-    headline = 'balanced_accuracy'
-    for run, metrics, headline in _protocol_runs(runs, protocol):
-        label = run_label(run)
-        cell = cells.setdefault(label, Cell(label, tuple(run['order']), not run['order'] or bool(run.get('init')),
-                                            {}, {}))
-        value = metrics.get(headline)
-        cell.test[int(run['seed'])] = float('nan') if value is None else float(value)
-        val = (metrics.get('val') or {}).get(headline)
-        cell.val[int(run['seed'])] = float('nan') if val is None else float(val)
-        cell.ci[int(run['seed'])] = list(metrics.get(f'{headline}_ci') or [])
-    return headline, cells
-
-
 def _compare(a: Cell, b: Cell) -> str:
     """``a − b``: a paired t-interval over seeds, or with a single common seed the two bootstrap intervals over
     test images and whether they overlap (no paired per-image test is possible from the stored metrics)."""
@@ -194,25 +154,10 @@ def _compare(a: Cell, b: Cell) -> str:
             f'(bootstrap 95% CIs over test images) {"overlap: no clear difference" if overlap else "do not overlap"}')
 
 
-def select_on_val(runs: list[dict], protocol: str) -> dict[str, Cell | None]:
-    """The cells a study compares under ``protocol``: ``scratch`` (the ``none`` baseline), ``best_single`` (the
-    single task with the highest mean validation headline) and ``best_multi`` (the same among orderings of two or
-    more tasks); None where the runs have no such cell. Chosen on val, never on test."""
-    _, cells = _cells(runs, protocol)
-    pretrained = [c for c in cells.values() if not c.baseline]
-
-    def best(candidates: list[Cell]) -> Cell | None:
-        return max(candidates, key=lambda c: nan_low(c.val_mean())) if candidates else None
-
-    return {'scratch': cells.get('none'),
-            'best_single': best([c for c in pretrained if len(c.order) == 1]),
-            'best_multi': best([c for c in pretrained if len(c.order) >= 2])}
-
-
 def findings(runs: list[dict], protocol: str) -> list[str]:
     """Computed statements for one board: best multi-task ordering (chosen on val) vs scratch and vs the best single
     task (chosen on val), with paired 95 % CIs over seeds; and the mean gain by curriculum label."""
-    headline, cells = _cells(runs, protocol)
+    headline, cells = board_cells(runs, protocol)
     multi = [c for c in cells.values() if len(c.order) >= 2 and not c.baseline]
     single = [c for c in cells.values() if len(c.order) == 1 and not c.baseline]
     chosen = select_on_val(runs, protocol)
@@ -358,7 +303,7 @@ def _label_efficiency_panel(axis, runs: list[dict], name: str, protocol: str) ->
         axis.set_xticks(fractions, [f'{f:g}' for f in fractions])
         axis.minorticks_off()
     axis.set_xlabel('label fraction of the training split (log scale)')
-    axis.set_ylabel(f'test {next(_protocol_runs(runs, protocol))[2]} (%)')
+    axis.set_ylabel(f'test {next(protocol_runs(runs, protocol))[2]} (%)')
     axis.set_title(f'{name} · {protocol}: mean and 95% CI over seeds', fontsize=9)
     axis.legend(fontsize=7)
 

@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.metrics import mean_t_interval
 
 from .leaderboard import comparison_key, curriculum_label, run_label
+from .study_cells import select_on_val
 
 #: the largest number of label assignments enumerated exactly; above it, Monte-Carlo permutations
 EXACT_LIMIT = 200_000
@@ -211,8 +212,7 @@ SERIES = ('scratch', 'best_single', 'best_multi')
 
 
 def label_efficiency_series(runs: list[dict], protocol: str) -> dict[str, list[EfficiencyPoint]]:
-    """For each of :data:`SERIES`, the cell chosen on val by ``report.select_on_val`` at each label fraction."""
-    from .report import select_on_val   # report imports this module when it loads
+    """For each of :data:`SERIES`, the cell chosen on val by ``study_cells.select_on_val`` at each label fraction."""
 
     series: dict[str, list[EfficiencyPoint]] = {name: [] for name in SERIES}
     for fraction, board in board_by_fraction(runs).items():
