@@ -27,6 +27,7 @@ from benchmarks.metrics import mean_t_interval
 from .errors import CheckpointError, EngineError
 from .finetuned import CHECKPOINT, read_result
 from .leaderboard import comparison_key, run_label, sweep_work_dir
+from .results import json_lines
 from .study_cells import select_on_val
 
 PROTOCOL = 'finetune'
@@ -212,16 +213,12 @@ def read_records(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                record_key(record)
-            except (ValueError, KeyError, TypeError):
-                raise EngineError(f'{path}: line {number} is not an external-evaluation record') from None
-            out.append(record)
+    for number, record in json_lines(path):
+        try:
+            record_key(record)
+        except (ValueError, KeyError, TypeError):
+            raise EngineError(f'{path}: line {number} is not an external-evaluation record') from None
+        out.append(record)
     return out
 
 

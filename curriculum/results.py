@@ -169,23 +169,29 @@ def compact(result: dict) -> dict:
     return out
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The runs of a JSON Lines export, in file order (``_id`` = line number)."""
-    if not os.path.isfile(path):
-        raise EngineError(f'results file not found: {path}')
-    out = []
+def json_lines(path: str):
+    """``(line number, value)`` for every non-blank line of a JSON Lines file; a line that is not JSON is one
+    EngineError naming the file and line."""
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                result = json.loads(line)
+                yield number, json.loads(line)
             except ValueError:
                 raise EngineError(f'{path}: line {number} is not JSON') from None
-            if not isinstance(result, dict) or 'order' not in result or 'seed' not in result:
-                raise EngineError(f'{path}: line {number} is not a run result (needs "order" and "seed")')
-            result['_id'] = number
-            out.append(result)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The runs of a JSON Lines export, in file order (``_id`` = line number)."""
+    if not os.path.isfile(path):
+        raise EngineError(f'results file not found: {path}')
+    out = []
+    for number, result in json_lines(path):
+        if not isinstance(result, dict) or 'order' not in result or 'seed' not in result:
+            raise EngineError(f'{path}: line {number} is not a run result (needs "order" and "seed")')
+        result['_id'] = number
+        out.append(result)
     return out
 
 
