@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
+
 from .errors import CheckpointError, PlanError
 
 
@@ -132,3 +134,23 @@ def check_groups(plan, pretext):
         raise PlanError(f'{needing[0]}: {len(shared)} group(s) of {pretext.name} span two splits (e.g. '
                         f'{shared[0]!r}); it needs a split grouped by patient / lesion')
     return pretext.group_ids('train')
+
+
+def is_grayscale(images, sample: int = 256) -> bool:
+    """Whether ``(N, H, W, C)`` uint8 images carry no colour: one channel, or (in the first ``sample`` images) three
+    equal ones."""
+    if images.shape[-1] == 1:
+        return True
+    head = np.asarray(images[:sample])
+    return bool((head == head[..., :1]).all())
+
+
+def check_colour(plan, pretext) -> None:
+    """A PlanError when a stage's task ``needs_colour`` and the pretext training images are grayscale (there would
+    be no colour to learn from)."""
+    from pretext_tasks.registry import TASKS
+
+    needing = [stage.task for stage in plan.stages if getattr(TASKS.get(stage.task), 'needs_colour', False)]
+    if needing and is_grayscale(pretext.unlabeled('train').images):
+        raise PlanError(f'{needing[0]}: predicts colour, and the training images of {pretext.name} are grayscale; '
+                        f'use colour images or leave {needing[0]} out of the order')

@@ -206,6 +206,7 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
     downstream_data.check_classes(float(evaluation.get('label_fraction', 1.0)), seed)
     preflight.check_batch_sizes(plan, len(pretext.unlabeled('train')), get_world_size())
     train_groups = preflight.check_groups(plan, pretext)   # None unless a stage's task needs them
+    preflight.check_colour(plan, pretext)
     monitor, monitor_every = build_monitor(config, pretext, device)
     os.makedirs(work_root, exist_ok=True)
     inputs = StageInputs(

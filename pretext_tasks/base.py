@@ -127,6 +127,9 @@ class PretextTask(BaseModel):
     #: array (each batch also holds ``groups``, ``partners`` and ``partner_indices``), and a dataset without group
     #: ids stops the run when it is planned.
     needs_groups: ClassVar[bool] = False
+    #: True: the task learns from the images' colour (it predicts colour from luminance), so data whose images
+    #: are grayscale (one channel, or three equal ones) stop the run when it is planned
+    needs_colour: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:

@@ -186,6 +186,7 @@ class ColorMe(PretextTask):
     """Predict the colour channels of an image from its luminance (see the module docstring)."""
 
     name = 'colorme'
+    needs_colour = True
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:
