@@ -26,6 +26,8 @@ from mmengine.model import BaseModel
 from .errors import NonFiniteLossError, PretextConfigError
 
 DEFAULT_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,))
+#: seed of the fixed augmentation draws of validation scores (plus each batch's start index)
+VALIDATION_SEED = 12345
 
 
 def build_backbone(cfg: dict | None) -> nn.Module:
@@ -247,22 +249,27 @@ class PretextTask(BaseModel):
         return 1
 
     # -- validation (the LR-search objective) ------------------------------------------------------------------
+    def seeded_batches(self, images: np.ndarray | torch.Tensor, batch_size: int):
+        """``(batch, generator)`` over ``images`` (uint8 NHWC) in order, each batch on the task's device with a
+        generator seeded by the batch's start index: the fixed draws every validation score of a task uses."""
+        device = next(self.parameters()).device
+        images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+        for start in range(0, len(images), batch_size):
+            generator = torch.Generator(device=device)
+            generator.manual_seed(VALIDATION_SEED + start)
+            yield images[start:start + batch_size].to(device), generator
+
     @torch.no_grad()
     def validation_score(self, images: np.ndarray | torch.Tensor, batch_size: int = 128) -> float:
         """Higher is better. Default: minus the mean :meth:`evaluation_loss` over ``images`` (uint8 NHWC) with
         augmentations fixed by a seed, in eval mode and without touching any training state."""
-        device = next(self.parameters()).device
-        images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
         was_training = self.training
         self.eval()
         total, count = 0.0, 0
         try:
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device)
+            for batch, generator in self.seeded_batches(images, batch_size):
                 if len(batch) < 2:
                     continue
-                generator = torch.Generator(device=device)
-                generator.manual_seed(12345 + start)
                 value = float(self.evaluation_loss(batch, generator))
                 total += value * len(batch)
                 count += len(batch)

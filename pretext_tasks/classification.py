@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,16 +60,11 @@ def pretext_accuracy(task, images, batch_size: int) -> float:
     """Accuracy of ``task.logits_and_labels`` over ``images`` in eval mode, each
     batch with a generator seeded by its start index (the base class's convention); -inf if logits are not
     finite."""
-    device = next(task.parameters()).device
-    images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
     if len(images) == 0:
         raise PretextConfigError(f'{task.name}: validation needs at least 1 image')
     correct, count = 0, 0
     with eval_mode(task):
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device)
-            generator = torch.Generator(device=device)
-            generator.manual_seed(12345 + start)
+        for batch, generator in task.seeded_batches(images, batch_size):
             logits, labels = task.logits_and_labels(batch, generator)
             if not bool(torch.isfinite(logits).all()):
                 return float('-inf')

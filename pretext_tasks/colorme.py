@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -293,16 +292,11 @@ class ColorMe(PretextTask):
     def validation_score(self, images, batch_size: int = 128) -> float:
         """``-color_mae`` over ``images`` (uint8 NHWC; higher is better) with fixed draws (each batch's generator
         seeded by its start index, the base class's convention), in eval mode, without side effects."""
-        device = next(self.parameters()).device
-        images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
         if len(images) == 0:
             raise PretextConfigError('colorme: validation needs at least 1 image')
         total, count = 0.0, 0
         with eval_mode(self):
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device)
-                generator = torch.Generator(device=device)
-                generator.manual_seed(12345 + start)
+            for batch, generator in self.seeded_batches(images, batch_size):
                 total += float(self._losses(batch, generator)['color_mae']) * len(batch)
                 count += len(batch)
         score = -total / count
