@@ -102,7 +102,9 @@ def test_experiment_file_errors(tmp_path, text, message):
 def test_shipped_experiments_are_valid_plans():
     from curriculum.plan import build_plan, load_config
 
-    for name in ('ham10000', 'pneumoniamnist'):
+    names = sorted(file[:-len('.yaml')] for file in os.listdir(os.path.join(REPO, 'configs', 'experiments')))
+    assert {'ham10000', 'ham10000-32px', 'pneumoniamnist', 'pneumoniamnist-28px'} <= set(names)
+    for name in names:
         path = os.path.join(REPO, 'configs', 'experiments', f'{name}.yaml')
         experiment = load_experiment(path)
         assert experiment.study.name == name and len(experiment.study.seeds) == 3
