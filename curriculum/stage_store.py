@@ -42,6 +42,8 @@ OWNER_FILE = 'owner.json'
 ATTEMPT_MARK = '.attempt-'
 ALIVE, DEAD, UNKNOWN = 'alive', 'dead', 'unknown'
 _EPOCH = re.compile(r'^epoch_(\d+)\.pth$')
+#: the attempts this process is writing now (an attempt of this process that is not here was given up)
+_ACTIVE: set[str] = set()
 
 
 def is_complete(directory: str) -> bool:
@@ -136,10 +138,14 @@ def writer_state(path: str) -> str:
             return DEAD
         if owner['host'] != _safe(socket.gethostname()):
             return UNKNOWN
+        if owner['pid'] == os.getpid():
+            return ALIVE if os.path.abspath(path) in _ACTIVE else DEAD
         return ALIVE if _process_alive(owner['pid'], None) else DEAD
     if owner.get('released'):
         return DEAD
     if owner.get('machine') == _machine():
+        if int(owner['pid']) == os.getpid():
+            return ALIVE if os.path.abspath(path) in _ACTIVE else DEAD
         return ALIVE if _process_alive(int(owner['pid']), owner.get('started')) else DEAD
     if owner.get('ray_node') and _ray_node_alive(owner['ray_node']) is False:
         return DEAD
@@ -196,6 +202,7 @@ def _write_owner(path: str) -> None:
 
 def release(path: str) -> None:
     """Give an attempt up (its training failed): it stays for a later attempt to take over and resume."""
+    _ACTIVE.discard(os.path.abspath(path))
     owner = _read_json(os.path.join(path, OWNER_FILE))
     try:
         write_json_atomic(os.path.join(path, OWNER_FILE), {**(owner if isinstance(owner, dict) else {}),
@@ -309,6 +316,7 @@ def claim(final_dir: str, poll: float = 2.0, log=None) -> str | None:
         earlier = [path for path in _attempts(final_dir)
                    if path != mine and os.path.basename(path) < os.path.basename(mine) and writer_state(path) == ALIVE]
         if not earlier:
+            _ACTIVE.add(os.path.abspath(mine))
             return mine
         release(mine)
 
@@ -317,5 +325,6 @@ def publish(attempt: str, final_dir: str) -> bool:
     """Publish the complete attempt folder; False when another writer's copy was published first (ours is
     removed). Attempts of dead writers are removed either way."""
     published = _publish_folder(attempt, final_dir)
+    _ACTIVE.discard(os.path.abspath(attempt))
     remove_dead_attempts(final_dir)
     return published

@@ -121,6 +121,8 @@ def stage_counts(results: list[dict], jobs: list[dict]) -> dict[str, int]:
 
 def run_sweep(args, jobs: list[dict], settings) -> int:
     """Run the jobs the results store does not hold yet as one task graph; returns the exit status."""
+    from curriculum.backend_local import NodeError
+    from curriculum.errors import PlanError
     from curriculum.results import load_runs, prepare_store
     from curriculum.sweep import Progress, build_graph, execute, open_backend
     from curriculum.sweep_tasks import job_plan, plan_sweep, stored_result
@@ -136,7 +138,14 @@ def run_sweep(args, jobs: list[dict], settings) -> int:
     try:
         if getattr(backend, 'dashboard', None):
             print(f'Ray dashboard: {backend.dashboard}', flush=True)
-        chains = backend.plan(plan_sweep, (settings, pending))   # every plan-time check of every job
+        try:
+            chains = backend.plan(plan_sweep, (settings, pending))   # every plan-time check of every job
+        except NodeError as exc:   # raised where the planning ran (a Ray worker)
+            if exc.user_error:
+                raise PlanError(str(exc)) from None
+            print(exc.details, file=sys.stderr)
+            print(f'error: planning the sweep failed: {exc}', file=sys.stderr)
+            return 1
         # the shared stores are created once here, so that the nodes never race on a fresh schema
         prepare_store(settings.results_url)
         if any(chains):
