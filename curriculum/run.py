@@ -68,20 +68,29 @@ def versions() -> dict:
     return out
 
 
-#: the datasets this process loaded last (a sweep's worker runs many stages and evaluations on the same data)
+#: the datasets this process loaded last, when it keeps them (:func:`keep_loaded_datasets`)
 _LOADED: dict[str, object] = {}
-_LOADED_KEEP = 4
+_KEEP = {'count': 0}
+
+
+def keep_loaded_datasets(count: int) -> None:
+    """Keep the last ``count`` loaded pretext datasets in memory: a sweep's worker runs many stages and evaluations
+    on the same data (which does not change during a sweep); a single run loads its data once anyway."""
+    _KEEP['count'] = int(count)
 
 
 def _load_pretext_data(config: dict, image_size: int | None = None):
     args = (config['dataset'], config.get('data_root'), int(image_size or config['image_size']), int(config['seed']),
             config.get('dataset_options') or {})
     memo = json.dumps(args, sort_keys=True, default=str)
-    if memo not in _LOADED:
-        while len(_LOADED) >= _LOADED_KEEP:
+    if memo in _LOADED:
+        return _LOADED[memo]
+    data = load_dataset(args[0], args[1], image_size=args[2], seed=args[3], **args[4])
+    if _KEEP['count'] > 0:
+        while len(_LOADED) >= _KEEP['count']:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[memo] = load_dataset(args[0], args[1], image_size=args[2], seed=args[3], **args[4])
-    return _LOADED[memo]
+        _LOADED[memo] = data
+    return data
 
 
 def stage_inputs(ctx: RunContext, stage) -> StageInputs:

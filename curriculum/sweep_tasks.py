@@ -28,7 +28,11 @@ class SweepSettings:
 
 
 def _enter(settings: SweepSettings) -> None:
-    """Put this process where the sweep's command was given (a Ray worker starts elsewhere)."""
+    """Put this process where the sweep's command was given (a Ray worker starts elsewhere), keeping the data it
+    loads for the sweep's next nodes."""
+    from .run import keep_loaded_datasets
+
+    keep_loaded_datasets(4)
     if settings.hide_cuda:
         os.environ['CUDA_VISIBLE_DEVICES'] = ''
     if os.path.abspath(os.getcwd()) != settings.cwd:
