@@ -425,7 +425,9 @@ def _save_finetuned(model, backbone_cfg: dict, classes: list[str], work_dir: str
 @contextmanager
 def _work_dir_lock(work_dir: str):
     """An exclusive lock on the work dir itself (flock on the folder, released by the OS if the process dies), when
-    the folder can be made; without one the result is still written (beside the work dir, see _write_result)."""
+    the folder can be made; without one the result is still written (beside the work dir, see _write_result). It
+    only orders two copies of one run started by hand in one folder (each keeps its result.json); stages and sweeps
+    take no lock (curriculum.stage_store, curriculum.sweep)."""
     try:
         os.makedirs(work_dir, exist_ok=True)
         handle = os.open(work_dir, os.O_RDONLY)
