@@ -89,8 +89,13 @@ def trial_records(study: optuna.Study) -> list[dict]:
 
 
 def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, parent_backbone: str | None,
-              stage_key: str, storage: str, trials_dir: str, progress=None, monitor=None) -> dict:
-    """Run (or resume) the study for one stage; returns ``{'lr', 'trials', 'study', 'storage', 'searched'}``."""
+              stage_key: str, storage: str, trials_dir: str, progress=None, monitor=None,
+              writer_alive=None) -> dict:
+    """Run (or resume) the study for one stage; returns ``{'lr', 'trials', 'study', 'storage', 'searched'}``.
+
+    ``trials_dir`` is ``<attempt folder>/lr_search`` (:mod:`curriculum.stage_store`); each trial records the
+    attempt that runs it. ``writer_alive(attempt name)`` says whether another attempt's writer may still be at
+    work (None: no other writer can be)."""
     n_trials = int(search_cfg.get('trials', 0))
     if n_trials <= 0:
         return {'lr': float(cfg['lr']), 'trials': [], 'study': None, 'storage': None, 'searched': False}
@@ -104,12 +109,15 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
                                     pruner=_pruner(search_cfg.get('pruner', 'median')), load_if_exists=True)
         study.set_user_attr('task', task_name)
         study.set_user_attr('lr_range', [low, high])
-        # A trial left RUNNING by a killed process: when it started from this stage folder (its trial_<n> folder is
-        # here and the caller holds the stage lock, so no live process runs it) it goes back to the queue with its
-        # number and LR, so the resumed search runs exactly the trials of an uninterrupted one, in the same order
-        # (ties between equal scores are broken by that order); any other is marked failed.
+        # A trial left RUNNING by a killed process: when it started in this attempt folder (its trial_<n> folder is
+        # here: this process took the folder over from its dead writer) it goes back to the queue with its number
+        # and LR, so the resumed search runs exactly the trials of an uninterrupted one, in the same order (ties
+        # between equal scores are broken by that order); one of another attempt whose writer may be alive is left
+        # to it; any other is marked failed.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             ours = os.path.isdir(os.path.join(trials_dir, f'trial_{trial.number}'))
+            if not ours and writer_alive is not None and writer_alive(trial.user_attrs.get('attempt')):
+                continue
             study._storage.set_trial_state_values(  # noqa: SLF001 (storage API)
                 trial._trial_id, TrialState.WAITING if ours else TrialState.FAIL)
         if search_cfg.get('sampler', 'stratified') == 'stratified' and not study.get_trials(deepcopy=False):
@@ -150,8 +158,11 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
     done = 0 if study is None else len([t for t in study.get_trials(deepcopy=False)
                                         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)])
     remaining = from_rank0(n_trials - done)
+    attempt = os.path.basename(os.path.dirname(os.path.abspath(trials_dir)))
     for _ in range(max(0, remaining)):
         trial = study.ask() if study is not None else None
+        if trial is not None:
+            trial.set_user_attr('attempt', attempt)
         lr, number = from_rank0((trial.suggest_float('lr', low, high, log=True), trial.number)
                              if trial is not None else None)
         try:

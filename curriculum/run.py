@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -25,7 +25,7 @@ from mmengine.dist import barrier, get_rank, get_world_size, is_distributed
 from benchmarks.datasets import TooFewClassesError, load_dataset
 from pretext_tasks.base import initial_backbone
 
-from . import preflight
+from . import preflight, stage_store
 from .cache import stage_dir, stage_key
 from .compat import atomic_torch_save, file_sha256, load_checkpoint_file, load_user_weights
 from .distributed import from_rank0
@@ -68,9 +68,29 @@ def versions() -> dict:
     return out
 
 
+#: the datasets this process loaded last, when it keeps them (:func:`keep_loaded_datasets`)
+_LOADED: dict[str, object] = {}
+_KEEP = {'count': 0}
+
+
+def keep_loaded_datasets(count: int) -> None:
+    """Keep the last ``count`` loaded pretext datasets in memory: a sweep's worker runs many stages and evaluations
+    on the same data (which does not change during a sweep); a single run loads its data once anyway."""
+    _KEEP['count'] = int(count)
+
+
 def _load_pretext_data(config: dict, image_size: int | None = None):
-    return load_dataset(config['dataset'], config.get('data_root'), image_size=int(image_size or config['image_size']),
-                        seed=int(config['seed']), **(config.get('dataset_options') or {}))
+    args = (config['dataset'], config.get('data_root'), int(image_size or config['image_size']), int(config['seed']),
+            config.get('dataset_options') or {})
+    memo = json.dumps(args, sort_keys=True, default=str)
+    if memo in _LOADED:
+        return _LOADED[memo]
+    data = load_dataset(args[0], args[1], image_size=args[2], seed=args[3], **args[4])
+    if _KEEP['count'] > 0:
+        while len(_LOADED) >= _KEEP['count']:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[memo] = data
+    return data
 
 
 def stage_inputs(ctx: RunContext, stage) -> StageInputs:
@@ -226,31 +246,59 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
                       search_cfg=dict(config.get('lr_search') or {}), init_path=init_path, init_state=init_state)
 
 
-def run_stages(ctx: RunContext, work_root: str, progress=None) -> tuple[list[dict], str | None]:
-    """Each planned stage in turn, from the cache or trained (its LR searched first), each starting from the
-    previous stage's backbone file (or ``--init``); returns the stage records and the last backbone file. The
-    scheduler knows stages only by their keys and files, never a task by name."""
+@dataclass
+class PlannedStage:
+    """One stage of a run with its cache key and folder; ``parent_file`` is the backbone it starts from (None:
+    the seed's random initialisation)."""
+    index: int
+    stage: object                     # curriculum.plan.StagePlan
+    key: str
+    parent_key: str | None
+    parent_file: str | None
+    directory: str
+
+
+def stage_chain(ctx: RunContext, work_root: str) -> tuple[list[PlannedStage], str | None]:
+    """The run's stages with their keys and folders, each starting from the previous one's backbone (or
+    ``--init``), and the backbone the run evaluates when it has no stage (the ``--init`` file or None). Writes
+    nothing but the engine's copy of ``--init`` weights. The keys make orderings that share a prefix share those
+    stages; the scheduler knows stages only by their keys and files, never a task by name."""
     parent_file, parent_key = (None, None)
     if ctx.init_path:
         parent_file, parent_key = _init_backbone_file(ctx.init_path, work_root, ctx.init_state)
-    stages = []
+    start_file = parent_file
+    chain = []
     for index, stage in enumerate(ctx.plan.stages):
-        stage_started = time.time()
         key = stage_key(parent_key, stage.task, stage.cfg, ctx.search_cfg, ctx.seed,
                         stage_data_fingerprint(ctx, stage), ctx.inputs.image_size, ctx.inputs.backbone_cfg,
                         ctx.precision)
         directory = stage_dir(work_root, stage.task, key)
-        record_path = os.path.join(directory, STAGE_FILE)
-        if progress:
-            progress('stage', index + 1, len(ctx.plan.stages), {'task': stage.task, 'key': key})
-        with stage_lock(directory) if get_rank() == 0 else nullcontext():
-            record = _cached_or_train(stage, key, parent_key, parent_file, directory, record_path,
-                                      stage_inputs(ctx, stage),
-                                      ctx.search_cfg, ctx.storage, ctx.monitor, ctx.monitor_every, progress,
-                                      stage_started)
-        stages.append(record)
+        chain.append(PlannedStage(index, stage, key, parent_key, parent_file, directory))
         parent_file, parent_key = os.path.join(directory, BACKBONE_FILE), key
-    return stages, parent_file
+    return chain, start_file
+
+
+def run_planned_stage(ctx: RunContext, planned: PlannedStage, progress=None, total: int | None = None,
+                      node_token: str | None = None) -> dict:
+    """One stage from the cache, or its LR search and training (an attempt folder published into the cache, see
+    :mod:`curriculum.stage_store`); its parent's backbone must be in the cache. ``node_token`` names the sweep
+    node that runs it: a retried node that finds the stage published by its own earlier try reports it as
+    trained, not as a cache hit."""
+    if progress:
+        progress('stage', planned.index + 1, total or len(ctx.plan.stages),
+                 {'task': planned.stage.task, 'key': planned.key})
+    return _cached_or_train(ctx, planned, progress, time.time(), node_token)
+
+
+def run_stages(ctx: RunContext, work_root: str, progress=None) -> tuple[list[dict], str | None]:
+    """Each planned stage in turn, from the cache or trained (its LR search first); returns the stage records and
+    the last backbone file."""
+    chain, backbone_file = stage_chain(ctx, work_root)
+    stages = []
+    for planned in chain:
+        stages.append(run_planned_stage(ctx, planned, progress, len(chain)))
+        backbone_file = os.path.join(planned.directory, BACKBONE_FILE)
+    return stages, backbone_file
 
 
 def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None) -> tuple[dict, object]:
@@ -377,7 +425,9 @@ def _save_finetuned(model, backbone_cfg: dict, classes: list[str], work_dir: str
 @contextmanager
 def _work_dir_lock(work_dir: str):
     """An exclusive lock on the work dir itself (flock on the folder, released by the OS if the process dies), when
-    the folder can be made; without one the result is still written (beside the work dir, see _write_result)."""
+    the folder can be made; without one the result is still written (beside the work dir, see _write_result). It
+    only orders two copies of one run started by hand in one folder (each keeps its result.json); stages and sweeps
+    take no lock (curriculum.stage_store, curriculum.sweep)."""
     try:
         os.makedirs(work_dir, exist_ok=True)
         handle = os.open(work_dir, os.O_RDONLY)
@@ -391,49 +441,58 @@ def _work_dir_lock(work_dir: str):
         os.close(handle)
 
 
-@contextmanager
-def stage_lock(directory: str):
-    """An exclusive lock per stage (a file lock, released by the OS if the process dies): concurrent workers that
-    need the same stage compute it once; the others wait and then read it from the cache."""
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    with open(directory + '.lock', 'w') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _read_stage_record(directory: str) -> dict:
+    with open(os.path.join(directory, STAGE_FILE)) as handle:
+        return json.load(handle)
 
 
-def _cached_or_train(stage, key, parent_key, parent_file, directory, record_path, inputs, search_cfg, storage,
-                     monitor, monitor_every, progress, stage_started) -> dict:
-    """The stage's record from the cache, or an LR search and a training run that fill the cache. Under DDP every
-    rank trains; rank 0 decides cache hits, writes the record and shares it."""
-    cached = from_rank0(os.path.exists(record_path))
-    if cached:
+def _cached_or_train(ctx: RunContext, planned: PlannedStage, progress, stage_started: float,
+                     node_token: str | None = None) -> dict:
+    """The stage's record from the cache, or an LR search and a training run in an attempt folder that is then
+    published into the cache. Under DDP every rank trains; rank 0 claims, writes and publishes the folder and
+    shares the record."""
+    stage, directory = planned.stage, planned.directory
+    attempt = from_rank0(stage_store.claim(directory, log=_warn) if get_rank() == 0 else None)
+    if attempt is None:
         record = None
         if get_rank() == 0:
-            with open(record_path) as handle:
-                record = json.load(handle)
-            record.update(cache_hit=True, seconds=time.time() - stage_started)
-            _drop_epoch_checkpoints(directory)  # left behind when a kill struck just after stage.json was written
+            record = _read_stage_record(directory)
+            ours = node_token is not None and record.get('trained_for') == node_token
+            record.update(cache_hit=not ours, seconds=(
+                float(record.get('lr_search_seconds') or 0) + float(record.get('train_seconds') or 0) if ours
+                else time.time() - stage_started))
+            _drop_epoch_checkpoints(directory)  # left behind by engines that published before dropping them
         return from_rank0(record)
-    else:
-        search = search_lr(stage.task, stage.cfg, search_cfg, inputs, parent_file, key, storage,
-                           os.path.join(directory, 'lr_search'), progress, monitor)
+    inputs = stage_inputs(ctx, stage)
+    try:
+        search = search_lr(stage.task, stage.cfg, ctx.search_cfg, inputs, planned.parent_file, planned.key,
+                           ctx.storage, os.path.join(attempt, 'lr_search'), progress, ctx.monitor,
+                           writer_alive=lambda name: stage_store.writer_may_be_alive(os.path.dirname(directory),
+                                                                                     name))
         search_seconds = time.time() - stage_started
         if progress and search.get('searched'):
             progress('lr_search', 0, 0, search)
-        record = train_stage(stage.task, stage.cfg, search['lr'], inputs, parent_file, directory, progress,
-                             monitor if monitor_every > 0 else None, max(1, monitor_every))
-        record.update(key=key, parent_key=parent_key, lr_search=search, lr_search_seconds=search_seconds,
-                      precision=inputs.precision.as_dict(),
-                      train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
+        record = train_stage(stage.task, stage.cfg, search['lr'], inputs, planned.parent_file, attempt, progress,
+                             ctx.monitor if ctx.monitor_every > 0 else None, max(1, ctx.monitor_every))
+    except BaseException:
         if get_rank() == 0:
-            write_json_atomic(record_path, record)
-            _drop_epoch_checkpoints(directory)
-        if is_distributed():
-            barrier()  # the next stage reads this stage's backbone file on every rank
-        record = dict(record, cache_hit=False, seconds=time.time() - stage_started)
+            stage_store.release(attempt)   # a later attempt takes it over and resumes
+        raise
+    record.update(key=planned.key, parent_key=planned.parent_key, lr_search=search, lr_search_seconds=search_seconds,
+                  precision=inputs.precision.as_dict(),
+                  train_seconds=time.time() - stage_started - search_seconds, stage_dir=directory)
+    if node_token is not None:
+        record['trained_for'] = node_token
+    published = True
+    if get_rank() == 0:
+        write_json_atomic(os.path.join(attempt, STAGE_FILE), record)
+        _drop_epoch_checkpoints(attempt)
+        published = stage_store.publish(attempt, directory)
+        if not published:   # another writer published this stage first: its copy is the stage
+            record = _read_stage_record(directory)
+    if is_distributed():
+        barrier()  # the next stage reads this stage's backbone file on every rank
+    record = dict(record, cache_hit=not published, seconds=time.time() - stage_started)
     return from_rank0(record)
 
 

@@ -1,129 +1,200 @@
-"""Sweeps over orderings shared by several worker processes through an Optuna study used as a job queue.
+"""A sweep over orderings as a task graph, and the one scheduler that runs it.
 
-Each job (ordering, seed, init) is an enqueued trial of a study named ``sweep/<id>`` in the chosen storage (SQLite
-by default, PostgreSQL for several machines). A worker takes a waiting trial, runs the curriculum and tells the
-result. Workers record heartbeats; a trial whose worker died is failed after the grace period and put back in the
-queue by Optuna's ``RetryHeartbeatStaleTrialCallback`` (``RetryFailedTrialCallback`` before Optuna 4.9), so another
-worker picks it up. A job whose result is already in the
-results store is not run again.
+The planned jobs (ordering, seed, init) become the prefix tree of their distinct stages — a node per stage key,
+each depending on its parent's node — plus one evaluation node per job depending on its stages: a stage shared by
+several orderings is computed once, and a child starts only when its parent is in the stage store. The scheduler
+owns the graph, so no two workers ever need the same stage at once: no job queue and no file locks. A backend runs
+the nodes: this process (``--workers 1``), a pool of local worker processes (``--workers N``,
+:mod:`curriculum.backend_local`) or Ray tasks on a cluster (:mod:`curriculum.backend_ray`). A node that fails takes
+only its descendants with it; every other node still runs, and whatever finished stays in the stores.
+
+The job of a stage node is the first job (in plan order) that needs it; that job's result reports the stage as
+trained (``cache_hit: false``) when this sweep trained it, every other job reports it as reused, as when the jobs
+ran one after another.
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import logging
-import threading
+import heapq
+import sys
 import time
-import warnings
+import uuid
+from dataclasses import dataclass, field
 
-import optuna
-from optuna.distributions import IntDistribution
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, fail_stale_trials
-from optuna.trial import TrialState
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-logger = logging.getLogger(__name__)
-# The queue uses Optuna's heartbeat machinery (experimental since 2.8) with ask/tell instead of Study.optimize, on
-# purpose: workers send their own heartbeats. Optuna warns about both on every call; the warnings say nothing a
-# user can act on, so they are silenced here: Optuna's ExperimentalWarning and that one UserWarning.
-warnings.filterwarnings('ignore', category=ExperimentalWarning)
-warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used with Study.optimize')
+from .backend_local import NodeError
+from .sweep_tasks import evaluate_job, run_stage
 
 
-def sweep_id(jobs: list[dict], config: dict) -> str:
-    text = json.dumps({'jobs': jobs, 'config': config}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def new_sweep_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
-def _retry_stale_trials(max_retry: int = 5) -> dict:
-    """The storage argument that re-enqueues a dead worker's job, under its name in the installed Optuna (renamed
-    in 4.9, the old name goes in 6.0)."""
-    if 'heartbeat_stale_trial_callback' in inspect.signature(RDBStorage.__init__).parameters:
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-        return {'heartbeat_stale_trial_callback': RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
-    from optuna.storages import RetryFailedTrialCallback
-    return {'failed_trial_callback': RetryFailedTrialCallback(max_retry=max_retry)}
+@dataclass
+class Node:
+    name: str
+    kind: str                      # 'stage' or 'evaluation'
+    function: object
+    args: tuple
+    deps: list[str]                # nodes whose results are appended to ``args``, in order
+    priority: tuple                # (index of the first job that needs it, depth): the order nodes start in
+    label: str
 
 
-def open_storage(url: str, heartbeat: int = 10, grace: int = 60) -> RDBStorage:
-    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace, **_retry_stale_trials(),
-                      engine_kwargs={'pool_pre_ping': True})
+def stage_node_name(key: str) -> str:
+    return f'stage:{key}'
 
 
-class SweepQueue:
-    """The shared job queue of one sweep."""
+def build_graph(settings, jobs: list[dict], chains: list[list[tuple[str, str]]]) -> dict[str, Node]:
+    """The nodes of a sweep: one per distinct stage key (depending on its parent stage) and one evaluation per job
+    (depending on its stages)."""
+    nodes: dict[str, Node] = {}
+    for index, (job, chain) in enumerate(zip(jobs, chains)):
+        owned = []
+        for depth, (task, key) in enumerate(chain):
+            name = stage_node_name(key)
+            owned.append(name not in nodes)
+            if name not in nodes:
+                prefix = ','.join(task for task, _ in chain[:depth + 1])
+                nodes[name] = Node(name, 'stage', run_stage, (settings, job, depth, key),
+                                   [stage_node_name(chain[depth - 1][1])] if depth else [], (index, depth),
+                                   f'{prefix} · seed {job["seed"]} · key {key}')
+        label = job['order'] if not job['init'] else f'init {job["init"]} + {job["order"]}'
+        nodes[f'evaluation:{index}'] = Node(f'evaluation:{index}', 'evaluation', evaluate_job,
+                                            (settings, job, owned), [stage_node_name(key) for _, key in chain],
+                                            (index, len(chain)), f'{label} · seed {job["seed"]}')
+    return nodes
 
-    def __init__(self, storage: RDBStorage, name: str):
-        self.storage = storage
-        self.name = name
-        self.study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                         direction='maximize')
 
-    def fill(self, jobs: list[dict]) -> int:
-        """Enqueue the jobs not already in the study (idempotent when several processes fill it)."""
-        known = {t.user_attrs.get('job_index') for t in self.study.get_trials(deepcopy=False)}
-        added = 0
-        for index, job in enumerate(jobs):
-            if index in known:
+@dataclass
+class Outcome:
+    ok: bool
+    value: object = None
+    error: NodeError | None = None
+    skipped_because: str | None = None    # a dependency that failed
+
+
+@dataclass
+class Progress:
+    """One line per finished stage and run (and per failure), counted per kind."""
+    totals: dict[str, int]
+    done: dict[str, int] = field(default_factory=lambda: {'stage': 0, 'evaluation': 0})
+    stream: object = None
+    started: float = field(default_factory=time.time)
+
+    def line(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def finished(self, node: Node, outcome: Outcome) -> None:
+        self.done[node.kind] += 1
+        count = f'{self.done[node.kind]}/{self.totals[node.kind]}'
+        clock = f'{time.time() - self.started:7.0f} s'
+        if node.kind == 'stage':
+            head = f'[{clock}] [stage {count}] {node.label}'
+        else:
+            head = f'[{clock}] [run {count}] {node.label}'
+        if outcome.skipped_because:
+            self.line(f'{head}: not run ({outcome.skipped_because} failed)')
+        elif not outcome.ok:
+            self.line(f'{head}: FAILED: {outcome.error}')
+        elif node.kind == 'stage':
+            record = outcome.value
+            how = 'from the cache' if record.get('cache_hit') else (
+                f'trained in {float(record.get("seconds") or 0):.1f} s'
+                + (f' (resumed at epoch {record["resumed_at_epoch"]})' if record.get('resumed_at_epoch') else ''))
+            self.line(f'{head}: {how} [{record.get("where", "")}]')
+        else:
+            summary = outcome.value
+            metrics = ', '.join(f'{protocol} {value:.4f}' if isinstance(value, (int, float)) else f'{protocol} -'
+                                for protocol, value in summary['metrics'].items())
+            state = 'already recorded' if summary['already_recorded'] else 'recorded'
+            self.line(f'{head}: {summary["headline"]} {metrics} ({state}, results id {summary["results_id"]})')
+
+
+def execute(nodes: dict[str, Node], backend, progress: Progress | None = None) -> dict[str, Outcome]:
+    """Run every node on ``backend`` once its dependencies are done; returns each node's outcome."""
+    outcomes: dict[str, Outcome] = {}
+    children: dict[str, list[str]] = {name: [] for name in nodes}
+    for node in nodes.values():
+        for dep in node.deps:
+            children[dep].append(node.name)
+
+    def settle(name: str, handle) -> None:
+        node = nodes[name]
+        failed = next((dep for dep in node.deps if not outcomes[dep].ok), None) if all(
+            dep in outcomes for dep in node.deps) else None
+        try:
+            outcome = Outcome(True, backend.result(handle))
+        except NodeError as exc:
+            outcome = Outcome(False, error=exc, skipped_because=nodes[failed].label if failed else None)
+        outcomes[name] = outcome
+        if progress:
+            progress.finished(node, outcome)
+
+    order = sorted(nodes, key=lambda name: nodes[name].priority)
+    if backend.native_dependencies:
+        # the whole graph at once: the backend starts each node when its dependencies are done
+        handles = {}
+        for name in order:
+            node = nodes[name]
+            handles[name] = backend.submit(node.function, node.args + tuple(handles[dep] for dep in node.deps))
+        pending = {handle: name for name, handle in handles.items()}
+        while pending:
+            for handle in sorted(backend.wait(list(pending)), key=lambda h: nodes[pending[h]].priority):
+                settle(pending.pop(handle), handle)
+        return outcomes
+
+    ready = [(nodes[name].priority, name) for name in order if not nodes[name].deps]
+    heapq.heapify(ready)
+    running: dict[object, str] = {}
+    waiting = {name: len(nodes[name].deps) for name in nodes}
+
+    def release(name: str) -> None:
+        """``name`` is settled: its children either become ready or, if it failed, fail with it."""
+        for child in children[name]:
+            if child in outcomes:
                 continue
-            self.study.enqueue_trial({'job': index}, user_attrs={'job_index': index, 'job': job},
-                                     skip_if_exists=True)
-            added += 1
-        self.study.set_user_attr('jobs', len(jobs))
-        return added
-
-    def _pending(self) -> tuple[int, int]:
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
-        return waiting, len(trials) - waiting
-
-    def take(self, poll: float = 2.0):
-        """The next job as ``(trial, job)``, waiting while other workers still hold running jobs; None when the
-        sweep is complete."""
-        jobs = int(self.study.user_attrs.get('jobs', 0))
-        while True:
-            fail_stale_trials(self.study)   # re-enqueues jobs of dead workers (retry callback)
-            waiting, running = self._pending()
-            if waiting:
-                trial = self.study.ask({'job': IntDistribution(0, max(jobs - 1, 0))})
-                if 'job' in trial.user_attrs:
-                    return trial, trial.user_attrs['job']
-                # another worker took the last waiting job between our check and ask: discard this empty trial
-                self.study.tell(trial, state=TrialState.FAIL)
+            if not outcomes[name].ok:
+                outcomes[child] = Outcome(False, error=NodeError('a dependency failed'),
+                                          skipped_because=nodes[name].label)
+                if progress:
+                    progress.finished(nodes[child], outcomes[child])
+                release(child)
                 continue
-            if not running:
-                return None
-            time.sleep(poll)
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, (nodes[child].priority, child))
 
-    def finish(self, trial, value: float | None) -> None:
-        self.study.tell(trial, value if value is not None else float('nan'))
+    while ready or running:
+        while ready and len(running) < backend.slots:
+            _, name = heapq.heappop(ready)
+            node = nodes[name]
+            args = node.args + tuple(outcomes[dep].value for dep in node.deps)
+            running[backend.submit(node.function, args)] = name
+        for handle in backend.wait(list(running)):
+            name = running.pop(handle)
+            settle(name, handle)
+            release(name)
+    return outcomes
 
-    def fail(self, trial) -> None:
-        self.study.tell(trial, state=TrialState.FAIL)
 
+def open_backend(kind: str, workers: int, address: str | None = None, cpus_per_stage: float = 1.0,
+                 gpus_per_stage: float = 0.0, retries: int = 3):
+    """The backend named by ``--backend`` (a PlanError for impossible settings)."""
+    from .errors import PlanError
 
-class Heartbeat:
-    """Records a trial's heartbeat from a background thread while its job runs."""
+    if workers < 1:
+        raise PlanError(f'--workers must be at least 1, got {workers}')
+    if retries < 0:
+        raise PlanError(f'--retries must be at least 0, got {retries}')
+    if cpus_per_stage <= 0 or gpus_per_stage < 0:
+        raise PlanError('--cpus-per-stage must be positive and --gpus-per-stage not negative')
+    if kind == 'ray':
+        from .backend_ray import RayBackend
 
-    def __init__(self, storage: RDBStorage, trial, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial._trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
+        return RayBackend(address, workers, cpus_per_stage, gpus_per_stage, retries)
+    if kind != 'local':
+        raise PlanError(f'unknown backend {kind!r} (local or ray)')
+    if address or gpus_per_stage:
+        raise PlanError('--ray-address and --gpus-per-stage need --backend ray')
+    from .backend_local import InProcessBackend, WorkerPoolBackend
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as exc:  # a transient storage error must not kill the job
-                logger.warning('heartbeat failed: %s', exc)
-
-    def __enter__(self):
-        self.storage.record_heartbeat(self.trial_id)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    return InProcessBackend() if workers == 1 else WorkerPoolBackend(workers, retries)

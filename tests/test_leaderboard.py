@@ -1,4 +1,5 @@
-"""Leaderboard: curriculum labels, orderings, aggregation and rendering; end-to-end sweeps with shared workers."""
+"""Leaderboard: curriculum labels, orderings, aggregation and rendering; end-to-end sweeps in this process and on
+local worker processes (one killed mid-stage), and a work root left by the previous engine."""
 from __future__ import annotations
 
 import json
@@ -122,23 +123,86 @@ def test_sweep_two_tasks_runs_four_stages_reuses_two_and_writes_outputs(tmp_path
     assert rendered.returncode == 0 and (tmp_path / 'r' / 'leaderboard.md').exists()
 
 
-def test_two_workers_one_killed_sweep_completes_each_ordering_once(tmp_path):
+#: two-epoch stages of a tiny backbone on 16 px images, no LR search: a stage can be caught between its epoch
+#: checkpoints
+TWO_EPOCHS = ['--image-size', '16', '--epochs', '2', '--lr-trials', '0', '--protocols', 'knn', '--quiet',
+              '--cfg-options', 'dataset_options.num_images=240', 'tasks.rotation.batch_size=16',
+              'tasks.relloc.batch_size=16', 'monitor.max_images=64', 'monitor.k=5', 'backbone.stem_channels=8',
+              'backbone.base_channels=8']
+
+
+def _attempts(stages):
+    return [p for p in stages.iterdir() if '.attempt-' in p.name] if stages.is_dir() else []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_process_is_replaced_and_its_stage_resumes_from_its_checkpoint(tmp_path):
+    """--workers 2: a worker process killed in the middle of a stage (after its first epoch checkpoint) is replaced,
+    the node is tried again and resumes at epoch 1; each ordering is recorded once, each stage trained once."""
     work_root = tmp_path / 'root'
-    args = ['--tasks', 'rotation,relloc', '--max-len', '1', '--baselines', 'none', '--seeds', '0,1',
-            '--heartbeat', '2', '--grace', '6', *SMALL]
-    base = [sys.executable, TOOL, '--work-root', str(work_root), *args]
-    first = subprocess.Popen(base + ['--worker'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    # kill the first worker as soon as it has started a job
-    line = first.stdout.readline()
-    assert line.startswith('[worker'), line
-    time.sleep(3)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    second = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert second.returncode == 0, second.stderr[-3000:]
-    keys = sorted((r[0], r[1]) for r in stored_runs(work_root))
-    assert keys == sorted([(o, s) for o in ('rotation', 'relloc', 'none') for s in (0, 1)])
+    stages = work_root / 'stages'
+    args = ['--tasks', 'rotation,relloc', '--max-len', '1', '--baselines', 'none', '--workers', '2', *TWO_EPOCHS]
+    proc = subprocess.Popen([sys.executable, TOOL, '--work-root', str(work_root), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed, deadline = None, time.time() + 900
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        for attempt in _attempts(stages):
+            if (attempt / 'last_checkpoint').exists() and not (attempt / 'stage.json').exists():
+                try:
+                    owner = json.loads((attempt / 'owner.json').read_text())
+                except (OSError, ValueError):
+                    continue
+                os.kill(owner['pid'], signal.SIGKILL)
+                killed = attempt.name.split('.attempt-')[0]
+                break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+    assert killed, 'the sweep ended before a stage could be caught between its checkpoints'
+    assert proc.returncode == 0, output[-3000:]
+    rows = stored_runs(work_root)
+    assert sorted((r[0], r[1]) for r in rows) == [('none', 0), ('relloc', 0), ('rotation', 0)]
+    stages_of = {r[0]: json.loads(r[2])['stages'] for r in rows}
+    resumed = [s for s in stages_of[killed.split('-')[0]]]
+    assert resumed[0]['key'] == killed.split('-', 1)[1] and resumed[0]['resumed_at_epoch'] == 1
+    assert [h['epoch'] for h in resumed[0]['history']] == [0, 1, 2]
+    assert sorted(p.name for p in stages.iterdir()) == sorted(
+        f'{task}-{stages_of[task][0]["key"]}' for task in ('rotation', 'relloc'))   # no attempt left
+    assert all(not s['cache_hit'] for task in ('rotation', 'relloc') for s in stages_of[task])
+    assert 'resumed at epoch 1' in output
+
+
+@pytest.mark.slow
+def test_a_work_root_of_the_previous_engine_is_continued_by_the_studys_command(tmp_path):
+    """What a running study (tools/study.py) hands over: stages trained in place under <task>-<key>/ (one
+    interrupted after its first epoch, with the old *.lock file and queue database beside it) and runs in the
+    results store. Its exact command resumes the stage from that checkpoint, keeps the stored run as it is and
+    records the rest."""
+    work_root = tmp_path / 'root'
+    stages = work_root / 'stages'
+    base = ['--orders', 'rotation', '--seeds', '0', '--baselines', 'none', '--label-fraction', '0.5']
+    # the baseline is recorded, then rotation's stage is killed while its second epoch checkpoint is written
+    first = subprocess.run([sys.executable, TOOL, *base, '--work-root', str(work_root), *TWO_EPOCHS], cwd=REPO,
+                           capture_output=True, text=True, env=dict(os.environ, CURRICULUM_FAULT='checkpoint_write:3'),
+                           timeout=900)
+    assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
+    attempt, = _attempts(stages)
+    legacy = stages / attempt.name.split('.attempt-')[0]
+    os.rename(attempt, legacy)                          # the layout engines before the stage store left
+    (legacy / 'owner.json').unlink()
+    (stages / f'{legacy.name}.lock').write_text('')
+    (work_root / 'sweeps.db').write_bytes(b'')
+    before = stored_runs(work_root)
+    assert [(r[0], r[1]) for r in before] == [('none', 0)]
+    out = tmp_path / 'board'
+    proc = run_tool([*base, '--workers', '2', '--out', str(out), *TWO_EPOCHS], work_root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    after = stored_runs(work_root)
+    assert after[0] == before[0]                        # the stored run untouched
+    rotation = json.loads(next(r[2] for r in after if r[0] == 'rotation'))
+    stage, = rotation['stages']
+    assert stage['key'] == legacy.name.split('-', 1)[1] and stage['resumed_at_epoch'] == 1
+    assert (legacy / 'stage.json').exists() and not _attempts(stages)
+    assert (out / 'leaderboard.md').exists()
 
 
 @pytest.mark.parametrize('backend', ['sqlite', 'postgresql'])

@@ -1,19 +1,23 @@
 #!/usr/bin/env python
 """Run (or reuse) every ordering of some tasks and render leaderboards across orderings.
 
-    python tools/leaderboard.py --tasks relloc,moco,odc --max-len 3 [--out DIR] [--workers N] [--storage URL]
+    python tools/leaderboard.py --tasks relloc,moco,odc --max-len 3 [--out DIR] [--workers N]
         [--baselines none[,PATH]] [--seeds 0,1,2] [run_curriculum flags ...]
     python tools/leaderboard.py --orders odc moco odc,moco relloc,odc,moco [--seeds 0,1,2] [run_curriculum flags ...]
+    python tools/leaderboard.py ... --backend ray [--ray-address auto|HOST:PORT] [--cpus-per-stage C]
+        [--gpus-per-stage G]
     python tools/leaderboard.py --from-results [--results URL|FILE.jsonl] [--out DIR]
 
-Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. Sweeps reuse the stage cache
-(a stage is run once per distinct prefix) and the results store (a finished ordering is not run again).
+Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. A sweep is a task graph
+(curriculum/sweep.py): each distinct stage (a prefix shared by several orderings) is one node run once, each run's
+evaluation one node after its last stage; finished stages come from the stage cache and finished runs from the
+results store. --backend local runs the nodes in this process (--workers 1) or on N local worker processes;
+--backend ray runs them as Ray tasks (a local Ray, or the cluster at --ray-address).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,15 +33,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--orders', nargs='+', default=None, metavar='ORDER',
                         help='explicit orderings instead of --tasks/--max-len (each comma-separated)')
     parser.add_argument('--out', default=None, help='output folder (default <work-root>/leaderboard)')
-    parser.add_argument('--workers', type=int, default=1, help='worker processes sharing the sweep')
-    parser.add_argument('--storage', default=None,
-                        help='queue storage URL shared by workers (default sqlite under --work-root)')
+    parser.add_argument('--workers', type=int, default=1,
+                        help='local: worker processes (1: this process); ray without --ray-address: stages at once')
+    parser.add_argument('--backend', choices=('local', 'ray'), default='local',
+                        help='where the nodes of the sweep run: this machine, or Ray tasks (pip install -e ".[ray]")')
+    parser.add_argument('--ray-address', default=None,
+                        help='Ray cluster to join (auto: the one this machine belongs to); none starts a local Ray')
+    parser.add_argument('--cpus-per-stage', type=float, default=1.0, help='Ray: CPUs of each stage / evaluation task')
+    parser.add_argument('--gpus-per-stage', type=float, default=0.0, help='Ray: GPUs of each stage / evaluation task')
+    parser.add_argument('--retries', type=int, default=3,
+                        help='times a node is tried again when its worker process or machine dies')
+    parser.add_argument('--storage', default=None, help='same as --optuna-storage (the LR studies\' storage)')
     parser.add_argument('--baselines', default='none', help='none and/or local weight files (comma-separated)')
     parser.add_argument('--seeds', default='0', help='comma-separated seeds')
     parser.add_argument('--from-results', action='store_true', help='only render from the results store')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
-    parser.add_argument('--heartbeat', type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument('--grace', type=int, default=60, help=argparse.SUPPRESS)
     add_run_arguments(parser)
     return parser.parse_args(argv)
 
@@ -84,53 +93,18 @@ def build_jobs(args) -> list[dict]:
     return jobs
 
 
-def job_config(args, job: dict) -> dict:
-    from curriculum.plan import load_config
+def sweep_settings(args):
+    """What every node of the sweep needs besides its job (curriculum.sweep_tasks.SweepSettings)."""
+    from curriculum.results import default_results_url
+    from curriculum.sweep import new_sweep_id
+    from curriculum.sweep_tasks import SweepSettings
 
-    return load_config(args.config, {**config_overrides(args), 'seed': job['seed']})
-
-
-def run_job(args, job: dict, results_url: str) -> dict:
-    """Run one ordering unless the results store already holds it; returns its result."""
-    from curriculum.leaderboard import comparison_key, run_label, sweep_work_dir
-    from curriculum.plan import build_plan
-    from curriculum.results import load_runs
-    from curriculum.run import run_curriculum
-
-    plan = build_plan(job['order'], job_config(args, job))
-    probe = {'config': plan.config, 'order': plan.order, 'init': job['init'], 'seed': job['seed']}
-    for stored in load_runs(results_url):
-        if (comparison_key(stored) == comparison_key(probe) and run_label(stored) == run_label(probe)
-                and stored['seed'] == job['seed']):
-            return stored
-    label = plan.label if not job['init'] else f'init-{os.path.basename(job["init"])}'
-    fraction = (plan.config.get('evaluation') or {}).get('label_fraction', 1.0)
-    work_dir = sweep_work_dir(args.work_root, label, job['seed'], fraction)
-    return run_curriculum(plan, work_dir, args.work_root, results_url, init_path=job['init'],
-                          optuna_storage=args.optuna_storage, progress=None)
-
-
-def work(args, queue_name: str, storage_url: str, results_url: str) -> int:
-    """Worker loop: take jobs from the shared queue until the sweep is complete."""
-    from curriculum.sweep import Heartbeat, SweepQueue, open_storage
-
-    storage = open_storage(storage_url, args.heartbeat, args.grace)
-    queue = SweepQueue(storage, queue_name)
-    while True:
-        taken = queue.take()
-        if taken is None:
-            return 0
-        trial, job = taken
-        print(f'[worker {os.getpid()}] {job["order"]} seed {job["seed"]}'
-              f'{" init " + job["init"] if job["init"] else ""}', flush=True)
-        with Heartbeat(storage, trial, max(1, args.heartbeat // 2)):
-            try:
-                result = run_job(args, job, results_url)
-            except BaseException:
-                queue.fail(trial)
-                raise
-        metrics = next(iter(result['downstream'].values()), {})
-        queue.finish(trial, metrics.get(metrics.get('headline', 'balanced_accuracy')))
+    overrides = config_overrides(args)
+    overrides.pop('seed', None)
+    return SweepSettings(cwd=os.path.abspath(os.getcwd()), config_path=args.config, overrides=overrides,
+                         work_root=args.work_root, results_url=args.results or default_results_url(args.work_root),
+                         optuna_storage=args.optuna_storage or args.storage, sweep_id=new_sweep_id(),
+                         hide_cuda=args.device == 'cpu')
 
 
 def stage_counts(results: list[dict], jobs: list[dict]) -> dict[str, int]:
@@ -143,6 +117,61 @@ def stage_counts(results: list[dict], jobs: list[dict]) -> dict[str, int]:
     stages = [stage for result in results for stage in result.get('stages', [])]
     return {'planned': planned, 'run': sum(not s.get('cache_hit') for s in stages),
             'reused': sum(bool(s.get('cache_hit')) for s in stages)}
+
+
+def run_sweep(args, jobs: list[dict], settings) -> int:
+    """Run the jobs the results store does not hold yet as one task graph; returns the exit status."""
+    from curriculum.backend_local import NodeError
+    from curriculum.errors import PlanError
+    from curriculum.results import load_runs, prepare_store
+    from curriculum.sweep import Progress, build_graph, execute, open_backend
+    from curriculum.sweep_tasks import job_plan, plan_sweep, stored_result
+
+    os.makedirs(settings.work_root, exist_ok=True)
+    stored = load_runs(settings.results_url)
+    pending = [job for job in jobs if stored_result(stored, job_plan(settings, job), job) is None]
+    if not pending:
+        print(f'sweep: all {len(jobs)} runs are in the results store already', flush=True)
+        return 0
+    backend = open_backend(args.backend, args.workers, args.ray_address, args.cpus_per_stage, args.gpus_per_stage,
+                           args.retries)
+    try:
+        if getattr(backend, 'dashboard', None):
+            print(f'Ray dashboard: {backend.dashboard}', flush=True)
+        try:
+            chains = backend.plan(plan_sweep, (settings, pending))   # every plan-time check of every job
+        except NodeError as exc:   # raised where the planning ran (a Ray worker)
+            if exc.user_error:
+                raise PlanError(str(exc)) from None
+            print(exc.details, file=sys.stderr)
+            print(f'error: planning the sweep failed: {exc}', file=sys.stderr)
+            return 1
+        # the shared stores are created once here, so that the nodes never race on a fresh schema
+        prepare_store(settings.results_url)
+        if any(chains):
+            from curriculum.lr_search import default_storage, open_study_storage
+
+            open_study_storage(settings.optuna_storage or default_storage(settings.work_root))
+        nodes = build_graph(settings, pending, chains)
+        totals = {kind: sum(node.kind == kind for node in nodes.values()) for kind in ('stage', 'evaluation')}
+        print(f'sweep: {len(pending)} runs to do ({len(jobs) - len(pending)} already recorded), '
+              f'{totals["stage"]} distinct stages ({sum(map(len, chains))} without the prefix cache); '
+              f'backend: {backend.description}', flush=True)
+        outcomes = execute(nodes, backend, Progress(totals))
+    finally:
+        backend.close()
+    failed = [(nodes[name], outcome) for name, outcome in outcomes.items()
+              if not outcome.ok and not outcome.skipped_because]
+    if not failed:
+        return 0
+    for node, outcome in failed:
+        if outcome.error.details and not outcome.error.user_error:
+            print(outcome.error.details, file=sys.stderr)
+    skipped = sum(1 for outcome in outcomes.values() if outcome.skipped_because)
+    node, outcome = failed[0]
+    print(f'error: {len(failed)} node(s) of the sweep failed ({skipped} more not run), first {node.label}: '
+          f'{outcome.error}', file=sys.stderr)
+    return 2 if all(outcome.error.user_error for _, outcome in failed) else 1
 
 
 def main(argv=None) -> int:
@@ -160,34 +189,14 @@ def main(argv=None) -> int:
             results, counts = load_runs(results_url), None
         else:
             jobs = build_jobs(args)
-            from curriculum.plan import build_plan
-            from curriculum.sweep import SweepQueue, open_storage, sweep_id
+            settings = sweep_settings(args)
+            from curriculum.sweep_tasks import job_plan
 
             for job in jobs:  # validate every plan before any compute
-                build_plan(job['order'], job_config(args, job))
-            if args.workers < 1:
-                raise PlanError(f'--workers must be at least 1, got {args.workers}')
-            os.makedirs(args.work_root, exist_ok=True)
-            storage_url = args.storage or f'sqlite:///{os.path.abspath(os.path.join(args.work_root, "sweeps.db"))}'
-            name = f'sweep/{sweep_id(jobs, job_config(args, {"seed": 0}))}'
-            queue = SweepQueue(open_storage(storage_url, args.heartbeat, args.grace), name)
-            queue.fill(jobs)
-            if args.worker or args.workers == 1:
-                code = work(args, name, storage_url, results_url)
-            else:
-                # create the shared stores once here, so that the workers never race on a fresh schema
-                from curriculum.lr_search import default_storage, open_study_storage
-                from curriculum.results import prepare_store
-
-                open_study_storage(args.optuna_storage or default_storage(args.work_root))
-                prepare_store(results_url)
-                argv_worker = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), '--worker']
-                procs = [subprocess.Popen(argv_worker) for _ in range(args.workers)]
-                code = max(proc.wait() for proc in procs)
+                job_plan(settings, job)
+            code = run_sweep(args, jobs, settings)
             if code:
                 return code
-            if args.worker:
-                return 0
             wanted = {(job['order'], job['seed'], job['init']) for job in jobs}
             results = [r for r in load_runs(results_url)
                        if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted]
