@@ -126,6 +126,12 @@ def too_few_images_for_a_batch(tmp):
     return ['--dataset', 'image_folder', '--data-root', root, '--order', 'rotation', '--lr-trials', '0']
 
 
+def grayscale_without_groups(tmp) -> list[str]:
+    """A MedMNIST npz (one channel, no patient ids) as the pretext data."""
+    npz = write_medmnist(os.path.join(str(tmp), 'pneumoniamnist.npz'), sizes=(80, 20, 20))
+    return ['--dataset', 'medmnist', '--data-root', npz, '--image-size', '16']
+
+
 def config_file(tmp, text):
     path = tmp / 'user.yaml'
     path.write_text(text)
@@ -193,6 +199,10 @@ CASES = [
      'moco: momentum must be in [0.5, 1)'),
     ('swav with one global crop', lambda t: ['--order', 'swav', '--cfg-options', 'tasks.swav.global_crops=1'],
      'swav: needs global_crops >= 2'),
+    ('colorme on grayscale data', lambda t: grayscale_without_groups(t) + ['--order', 'rotation,colorme'],
+     'colorme: predicts colour, and the training images of medmnist are grayscale'),
+    ('micle without group ids', lambda t: grayscale_without_groups(t) + ['--order', 'rotation,micle'],
+     'micle: needs group ids (patient or lesion) of the training images, and dataset medmnist has none'),
     ('odc unknown head init', lambda t: ['--cfg-options', 'tasks.odc.head_init=zeros'],
      "odc: head_init must be 'random' or 'centroids', got 'zeros'"),
     ('rotation probability not a number', lambda t: ['--order', 'rotation', '--cfg-options', 'tasks.rotation.flip_p=x'],
@@ -275,7 +285,11 @@ def test_the_table_has_the_cases_the_issue_lists():
     assert len({case[0] for case in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize('builder', [malicious_init, lambda t: one_class_folder(t, 40)], ids=['init', 'one class'])
+@pytest.mark.parametrize('builder', [
+    malicious_init, lambda t: one_class_folder(t, 40),
+    lambda t: grayscale_without_groups(t) + ['--order', 'rotation,colorme'],
+    lambda t: grayscale_without_groups(t) + ['--order', 'rotation,micle'],
+], ids=['init', 'one class', 'colorme on grayscale', 'micle without groups'])
 def test_a_failed_start_leaves_no_work_dir(tmp_path, capsys, builder):
     work_root = tmp_path / 'root'
     code = load_tool('run_curriculum').main(['--work-root', str(work_root), '--order', 'odc', '--quiet', *builder(tmp_path)])

@@ -340,24 +340,6 @@ def test_colorme_beats_the_mean_colour_on_ham10000():
     assert run['error'] < 0.85 * run['mean_error']
 
 
-def test_grayscale_data_stops_colorme_at_plan_time_with_one_line(tmp_path, capsys):
-    """Chest X-rays (one channel) have no colour to predict: the run stops when planned, nothing written."""
-    from layout_fixtures import write_medmnist
-    from tool_loader import load_tool
-
-    npz = write_medmnist(str(tmp_path / 'pneumoniamnist.npz'), sizes=(80, 20, 20))
-    work_root = tmp_path / 'root'
-    code = load_tool('run_curriculum').main(['--order', 'rotation,colorme', '--dataset', 'medmnist', '--data-root',
-                                             npz, '--image-size', '16', '--work-root', str(work_root), '--quiet'])
-    stderr = capsys.readouterr().err
-    assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and 'Traceback' not in stderr, stderr
-    assert lines[0].startswith('error: colorme: predicts colour, and the training images of medmnist are '
-                               'grayscale'), stderr
-    assert not work_root.exists()
-
-
 def test_grayscale_detection_sees_one_channel_and_three_equal_channels():
     from curriculum.preflight import is_grayscale
 

@@ -111,23 +111,6 @@ def test_a_split_that_puts_a_group_in_two_splits_is_refused_at_plan_time():
     assert check_groups(build_plan('rotation', load_config(None, {})), PreparedDataset(records, 16)) is None
 
 
-def test_a_layout_without_group_ids_stops_micle_at_plan_time_with_one_line(tmp_path, capsys):
-    from layout_fixtures import write_medmnist
-    from tool_loader import load_tool
-
-    npz = write_medmnist(str(tmp_path / 'pneumoniamnist.npz'), sizes=(80, 20, 20))
-    work_root = tmp_path / 'root'
-    code = load_tool('run_curriculum').main(['--order', 'rotation,micle', '--dataset', 'medmnist', '--data-root',
-                                             npz, '--image-size', '16', '--work-root', str(work_root), '--quiet'])
-    stderr = capsys.readouterr().err
-    assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and 'Traceback' not in stderr, stderr
-    assert lines[0].startswith('error: micle: needs group ids (patient or lesion) of the training images, and '
-                               'dataset medmnist has none'), stderr
-    assert not work_root.exists()                                         # nothing written
-
-
 # -- the task -----------------------------------------------------------------------------------------------------
 def test_registered_as_simclr_with_another_positive():
     assert get_task_class('micle') is MICLeTask and issubclass(MICLeTask, SimCLRTask)
