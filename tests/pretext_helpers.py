@@ -223,8 +223,9 @@ def resume_stage_config(task: str, **overrides) -> dict:
     return build_plan(task, load_config(None, options)).stages[0].cfg
 
 
-def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
-    """Run (or resume) the resume tests' stage in ``stage_dir``; the stage record goes to ``record.json`` there."""
+def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str, backbone: dict | None = None) -> None:
+    """Run (or resume) the resume tests' stage in ``stage_dir`` (on ``backbone``, default :data:`RESUME_BACKBONE`);
+    the stage record goes to ``record.json`` there."""
     import json
     import os
 
@@ -233,7 +234,7 @@ def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
 
     images, _, train_idx, val_idx, groups = derm_sample(RESUME_IMAGES, 16, 32, with_groups=True)
     inputs = StageInputs(train_images=images[train_idx], val_images=images[val_idx], image_size=32,
-                         backbone_cfg=dict(RESUME_BACKBONE), seed=0, device='cpu',
+                         backbone_cfg=dict(backbone or RESUME_BACKBONE), seed=0, device='cpu',
                          precision=resolve_precision('none', 'cpu'), deterministic=True,
                          train_groups=groups[train_idx])
     record = train_stage(task, cfg, lr, inputs, None, stage_dir)
@@ -241,7 +242,8 @@ def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
         json.dump(record, handle)
 
 
-def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None = None):
+def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None = None,
+                   backbone: dict | None = None):
     """:func:`_resume_stage_main` in a fresh Python process (one thread; ``CURRICULUM_FAULT=fault`` kills it)."""
     import json
     import os
@@ -255,15 +257,17 @@ def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None
     env.pop('CURRICULUM_FAULT', None)
     if fault:
         env['CURRICULUM_FAULT'] = fault
-    return subprocess.run([sys.executable, '-c', code, json.dumps([task, cfg, lr, str(stage_dir)])],
+    return subprocess.run([sys.executable, '-c', code, json.dumps([task, cfg, lr, str(stage_dir), backbone])],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: dict, lr: float, tmp_path) -> dict:
+def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: dict, lr: float, tmp_path,
+                                                              backbone: dict | None = None) -> dict:
     """The task's stage killed (SIGKILL) in its second epoch, after the first epoch's checkpoint, then run again,
     ends exactly as the uninterrupted stage: same per-epoch history (every logged value) and the same backbone,
     tensor for tensor. The backbone file it hands on holds exactly the backbone's weights (none of the task's
-    heads, necks, target networks or queues) and loads strictly into the initial backbone. Returns the record."""
+    heads, necks, target networks or queues) and loads strictly into the initial backbone. ``backbone``: the
+    stage's backbone config (default :data:`RESUME_BACKBONE`). Returns the record."""
     import json
     import signal
 
@@ -277,13 +281,13 @@ def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: di
         return record, load_checkpoint_file(str(stage_dir / BACKBONE_FILE), map_location='cpu')
 
     reference, reference_backbone = finished(tmp_path / 'reference',
-                                             _stage_process(task, cfg, lr, tmp_path / 'reference'))
+                                             _stage_process(task, cfg, lr, tmp_path / 'reference', backbone=backbone))
     killed = tmp_path / 'killed'
     per_epoch = reference['num_images'] // RESUME_BATCH   # iterations of an epoch (drop_last)
-    proc = _stage_process(task, cfg, lr, killed, fault=f'train_iter:{per_epoch + 2}')
+    proc = _stage_process(task, cfg, lr, killed, fault=f'train_iter:{per_epoch + 2}', backbone=backbone)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     assert (killed / 'epoch_1.pth').exists() and not (killed / BACKBONE_FILE).exists()
-    resumed, resumed_backbone = finished(killed, _stage_process(task, cfg, lr, killed))
+    resumed, resumed_backbone = finished(killed, _stage_process(task, cfg, lr, killed, backbone=backbone))
     assert resumed['resumed_at_epoch'] == 1 and reference['resumed_at_epoch'] == 0
     assert [entry['epoch'] for entry in resumed['history']] == list(range(1, RESUME_EPOCHS + 1))
     assert resumed['history'] == reference['history']
@@ -292,7 +296,7 @@ def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: di
         assert torch.equal(resumed_backbone[name], value), name
 
     # the hand-over: the backbone's weights and nothing else
-    fresh = initial_backbone(RESUME_BACKBONE, 0)
+    fresh = initial_backbone(backbone or RESUME_BACKBONE, 0)
     assert set(reference_backbone) == set(fresh.state_dict())
     result = fresh.load_state_dict(reference_backbone, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
