@@ -19,9 +19,10 @@ from pretext_tasks.data import IndexedImages, collate_batch
 
 def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: float = 0.05,
                weight_decay: float = 1e-4, seed: int = 0, work_dir: str | None = None,
-               on_epoch_end=None, groups: np.ndarray | None = None) -> list[dict[str, float]]:
-    """Train ``task`` for ``epochs`` with SGD; returns per-epoch means of every logged value. ``groups``: the
-    images' int64 group ids, for a task that ``needs_groups`` (the batches then carry group partners).
+               on_epoch_end=None, groups: np.ndarray | None = None, optimizer: str = 'sgd') -> list[dict[str, float]]:
+    """Train ``task`` for ``epochs`` with SGD (momentum 0.9), or AdamW with ``optimizer='adamw'``; returns per-epoch
+    means of every logged value. ``groups``: the images' int64 group ids, for a task that ``needs_groups`` (the
+    batches then carry group partners).
 
     The task's own mmengine hooks (``task.hooks()``) are called at the usual points with a minimal stand-in for
     the Runner (``model``, ``epoch``, ``iter``, ``max_epochs``, ``max_iters``, ``work_dir``, ``logger``).
@@ -30,8 +31,10 @@ def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: 
     dataset = IndexedImages(images, groups=groups, seed=seed)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_batch)
-    optimizer = torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    wrapper = OptimWrapper(optimizer)
+    if optimizer == 'adamw':
+        wrapper = OptimWrapper(torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=weight_decay))
+    else:
+        wrapper = OptimWrapper(torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay))
     hooks = task.hooks()
     runner = SimpleNamespace(model=task, epoch=0, iter=0, max_epochs=epochs, max_iters=epochs * len(loader),
                              work_dir=work_dir or tempfile.mkdtemp(), logger=logging.getLogger('pretext-test'),
@@ -137,12 +140,17 @@ def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str 
 
 def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay: float = 1e-4,
                  batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm',
-                 data_root: str | None = None, size: int = 64, train: int = 1200, val: int = 400) -> dict:
+                 data_root: str | None = None, size: int = 64, train: int = 1200, val: int = 400,
+                 optimizer: str = 'sgd', probe_every_epoch: bool = False, init_weights: bool = False) -> dict:
     """Train task ``name`` from a random init on a :func:`derm_sample` (``train`` / ``val`` images at ``size`` px)
-    and probe it before and after. A task that ``needs_groups`` gets the sample's group ids.
+    and probe it before and after. A task that ``needs_groups`` gets the sample's group ids. ``optimizer``: 'sgd'
+    or 'adamw' (:func:`train_task`); ``probe_every_epoch``: also the raw kNN probe after every epoch;
+    ``init_weights``: initialise the task as the engine does (mmengine's ``init_cfg``: e.g. a ViT's positional
+    embedding drawn, not zero), its momentum copies synced to it, instead of PyTorch's default initialisation.
 
-    Returns ``task``, ``history`` (per-epoch means), ``seconds`` (training only) and ``random`` / ``trained``: the
-    two kNN probes of :func:`knn_probes` (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
+    Returns ``task``, ``history`` (per-epoch means, with ``knn`` when probed every epoch), ``seconds`` (training,
+    and the per-epoch probes when asked for) and ``random`` / ``trained``: the two kNN probes of :func:`knn_probes`
+    (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
     import time
 
     from pretext_tasks.registry import build_task, get_task_class
@@ -153,10 +161,17 @@ def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay
     groups = sample[4][train_idx] if needs_groups else None
     torch.manual_seed(0)
     task = build_task(name, backbone or LEARN_BACKBONE, dict(task_cfg), len(train_idx), images.shape[1], seed=0)
+    if init_weights:
+        task.init_weights()
+        task.load_backbone(task.backbone_state())
     random_probes = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     start = time.perf_counter()
+    def probe(epoch, so_far):
+        so_far[-1]['knn'] = knn_accuracy(task.backbone, images, labels, train_idx, val_idx)
+
     history = train_task(task, images[train_idx], epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, groups=groups)
+                         weight_decay=weight_decay, groups=groups, optimizer=optimizer,
+                         on_epoch_end=probe if probe_every_epoch else None)
     seconds = time.perf_counter() - start
     trained = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     metric = history[-1].get('pretext_acc')

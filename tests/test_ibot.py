@@ -202,10 +202,10 @@ def test_stage_resumes_exactly_after_a_kill_and_passes_only_its_backbone(tmp_pat
 
 
 # -- learning -----------------------------------------------------------------------------------------------------
-#: a 4-block ViT (96-d, patches of 4 px: an 8 x 8 grid at 32 px) on 1,200 images, the recipe with 2 local crops
-LEARN_VIT = dict(type='VisionTransformer', arch=dict(embed_dims=96, num_layers=4, num_heads=3,
-                                                      feedforward_channels=192), img_size=32, patch_size=4)
-EPOCHS, LR = 4, 0.03
+#: the tests' two-block ViT (48-d, 4 x 4 patches of 8 px at 32 px) on 1,200 images: the recipe with 2 local crops,
+#: AdamW at the recipe's lr, teacher momentum 0.99. Measured (2026-12-03, seed 0): L_MIM 3.47 → 3.53, 3.32, 3.20
+#: over epochs 1-4 (2.98 at 5), L[CLS] 7.41 → 7.39, 7.02, 6.85.
+EPOCHS, LR = 4, 1.25e-4
 
 
 @pytest.mark.slow
@@ -213,10 +213,10 @@ def test_ibot_both_losses_fall_on_synthetic_derm():
     from curriculum.plan import task_recipe
     from pretext_helpers import learning_run
 
-    run = learning_run('ibot', {**task_recipe('ibot'), 'local_crops': 2}, EPOCHS, LR, weight_decay=1e-5,
-                       backbone=LEARN_VIT, size=32)
+    run = learning_run('ibot', {**task_recipe('ibot'), 'local_crops': 2, 'momentum': 0.99}, EPOCHS, LR,
+                       weight_decay=0.04, backbone=VIT, size=32, optimizer='adamw', init_weights=True)
     history = run['history']
     for key in ('loss_cls', 'loss_patch'):
         values = [h[key] for h in history]
         assert all(np.isfinite(values)), key
-        assert min(values) < values[0] - 0.2, (key, values)
+        assert values[-1] < values[0] - 0.15, (key, values)

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         'precision': precision,
         'settings': study.settings(k=config['monitor'].get('k', 20),
                                    max_images=config['monitor'].get('max_images', 1000),
-                                   lr_trials=config['lr_search'].get('trials', 0)),
+                                   lr_trials=config['lr_search'].get('trials', 0),
+                                   backbone=dict(config['backbone'])),
         'curves': {task: {str(seed): curve for seed, curve in by_seed.items()} for task, by_seed in curves.items()},
         'summary': budget.summarise(curves),
     }
