@@ -59,8 +59,9 @@ def load_config(path: str | None = None, options: dict[str, Any] | None = None) 
     config = read_yaml(DEFAULT_CONFIG)
     if path and os.path.abspath(path) != os.path.abspath(DEFAULT_CONFIG):
         user = read_yaml(path)
-        config = deep_merge(_without_other_backbone(config, (user.get('backbone') or {}).get('type')
-                                                    if isinstance(user.get('backbone'), dict) else None), user)
+        backbone = user.get('backbone')
+        config = deep_merge(_without_other_backbone(config, backbone.get('type') if isinstance(backbone, dict)
+                                                    else None), user)
     options = options or {}
     config = apply_dotted(_without_other_backbone(config, options.get('backbone.type')), options)
     check_config_keys(config, CONFIG_DIR, KNOWN_PROTOCOLS)

@@ -171,10 +171,13 @@ def check_backbone(plan) -> None:
 
     if not plan.stages:
         return
+    import torch
+
     config = plan.config
     backbone_cfg = dict(config['backbone'])
     name = backbone_cfg.get('type', 'backbone')
-    backbone = build_backbone(backbone_cfg)
+    with torch.random.fork_rng(devices=[]):   # the caller's random stream is not touched by the probe
+        backbone = build_backbone(backbone_cfg)
     patch = patch_size_of(backbone)
     image_size = int(config['image_size'])
     try:
