@@ -157,34 +157,53 @@ def check_colour(plan, pretext) -> None:
                         f'use colour images or leave {needing[0]} out of the order')
 
 
+#: (backbone config, image size) → (patch size or None, output shape): the probe of :func:`check_backbone`, once
+#: per process (a sweep checks the same backbone for every ordering)
+_BACKBONE_PROBES: dict[tuple[str, int], tuple[int | None, tuple[int, ...]]] = {}
+
+
+def probe_backbone(backbone_cfg: dict, image_size: int) -> tuple[int | None, tuple[int, ...]]:
+    """``(patch size of a vision transformer or None, shape of the last output for image_size px images)`` of the
+    configured backbone, built once per process and configuration (no weights are loaded; the caller's random
+    stream is left as it was). A backbone that cannot be built, or fails on such images, is a one-line error."""
+    import json
+
+    import torch
+
+    from benchmarks.backbones import output_shape, patch_size_of
+    from pretext_tasks.base import build_backbone
+
+    key = (json.dumps(backbone_cfg, sort_keys=True, default=str), int(image_size))
+    if key not in _BACKBONE_PROBES:
+        with torch.random.fork_rng(devices=[]):
+            backbone = build_backbone(dict(backbone_cfg))
+        try:
+            shape = output_shape(backbone, int(image_size))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PlanError(f'backbone {backbone_cfg.get("type", "backbone")} fails on {image_size} px images: '
+                            f'{detail}') from None
+        _BACKBONE_PROBES[key] = (patch_size_of(backbone), shape)
+    return _BACKBONE_PROBES[key]
+
+
 def check_backbone(plan) -> None:
     """The configured backbone can be built and run on the run's images, and it gives every stage's task what the
     task reads: a PlanError when a task that ``needs_patch_tokens`` (iBOT) meets a backbone that is not a vision
     transformer, when a task that ``needs_feature_map`` (ColorMe's decoder) meets one that returns vectors or
     tokens, or when a task feeds a vision transformer inputs smaller than one of its patches (e.g. small local
-    crops or relloc's patches against a large ``patch_size``). Builds the backbone once (no weights are loaded)."""
-    from benchmarks.backbones import output_shape, patch_size_of
-    from pretext_tasks.base import build_backbone
+    crops or relloc's patches against a large ``patch_size``). The backbone is probed once per configuration
+    (:func:`probe_backbone`)."""
     from pretext_tasks.registry import TASKS
 
     from .plan import stage_image_size
 
     if not plan.stages:
         return
-    import torch
-
     config = plan.config
-    backbone_cfg = dict(config['backbone'])
-    name = backbone_cfg.get('type', 'backbone')
-    with torch.random.fork_rng(devices=[]):   # the caller's random stream is not touched by the probe
-        backbone = build_backbone(backbone_cfg)
-    patch = patch_size_of(backbone)
+    name = config['backbone'].get('type', 'backbone')
     image_size = int(config['image_size'])
-    try:
-        shape = output_shape(backbone, image_size)
-    except (RuntimeError, ValueError, AssertionError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(f'backbone {name} fails on {image_size} px images: {detail}') from None
+    patch, shape = probe_backbone(dict(config['backbone']), image_size)
     for stage in plan.stages:
         task = TASKS[stage.task]
         if getattr(task, 'needs_patch_tokens', False) and patch is None:

@@ -163,8 +163,10 @@ def main(argv=None) -> int:
             from curriculum.plan import build_plan
             from curriculum.sweep import SweepQueue, open_storage, sweep_id
 
-            for job in jobs:  # validate every plan before any compute
-                build_plan(job['order'], job_config(args, job))
+            from curriculum.preflight import check_backbone
+
+            for job in jobs:  # validate every plan (and what its backbone gives its tasks) before any compute
+                check_backbone(build_plan(job['order'], job_config(args, job)))
             if args.workers < 1:
                 raise PlanError(f'--workers must be at least 1, got {args.workers}')
             os.makedirs(args.work_root, exist_ok=True)
