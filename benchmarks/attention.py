@@ -1,4 +1,5 @@
-"""Where does a fine-tuned model look? Grad-CAM heat maps and an "attention inside the ROI" score.
+"""Where does a fine-tuned model look? Grad-CAM heat maps (attention rollout for a vision transformer) and an
+"attention inside the ROI" score.
 
 Grad-CAM (Selvaraju et al., 2017) is written here rather than taken from a package: pytorch-grad-cam is not a
 dependency of this project, and the method needs only a forward hook on the backbone's last feature map and one
@@ -6,6 +7,10 @@ gradient. For a target class *k* (the predicted class, or the true label) the ch
 of d logit_k / d A, the map is ReLU(sum_c w_c A_c), upsampled bilinearly to the input size. It works with any
 backbone whose forward returns a tuple of ``(N, C, h, w)`` maps (mmpretrain style) followed by global average pooling
 and a linear head, as in :class:`benchmarks.protocols.finetune.FineTunedModel`.
+
+A vision transformer's last output is a class token, not a map: for it the map is attention rollout (Abnar &
+Zuidema 2020, :class:`AttentionRollout`), chosen by :func:`attention_maps` from the backbone's type; the report
+names the method used.
 
 The ROI-attention score of an image is the share of its positive CAM mass inside the ROI mask
 (``sum(cam[mask]) / sum(cam)``, in [0, 1]). An image whose CAM is all zero (no positive evidence) or whose mask is
@@ -35,6 +40,7 @@ from .metrics import mean_t_interval
 from .protocols.features import borrowed, to_model_input
 
 MASK_SUFFIXES = ('_mask', '_segmentation', '_seg', '_roi')
+METHOD_NAMES = {'grad_cam': 'Grad-CAM', 'attention_rollout': 'attention rollout'}
 CI_METHOD = 'Student-t over images, 95 %, clipped to [0, 1]'
 
 
@@ -95,20 +101,104 @@ def grad_cam(backbone: nn.Module, head: nn.Module, images_uint8: np.ndarray, tar
 
     Returns ``(cams (N, H, W) float32, logits (N, K) float32, targets (N,) int64)`` as numpy arrays; ``targets``
     (one class per image) defaults to the predicted class. The modules are left on their device and mode."""
+    return _explain(GradCAM(backbone, head), backbone, head, images_uint8, targets, device, batch_size)
+
+
+# -- attention rollout (vision transformers) ------------------------------------------------------------------
+def _attention_probabilities(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, N)`` softmax attention of an mmpretrain ``MultiheadAttention`` on its input ``x`` (recomputed
+    from its query/key projection: the module itself calls a fused kernel that returns no weights). Its scale is
+    always ``head_dims ** -0.5`` (mmpretrain 1.2 uses that value whether or not ``qk_scale`` is set)."""
+    batch, tokens, _ = x.shape
+    qkv = attention.qkv(x.float()).reshape(batch, tokens, 3, attention.num_heads, attention.head_dims)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-2, -1) * attention.head_dims ** -0.5, dim=-1)
+
+
+class AttentionRollout:
+    """Attention rollout (Abnar & Zuidema, ACL 2020) of an mmpretrain ``VisionTransformer``: per block, the
+    head-averaged attention plus the identity (the residual path), rows renormalised, multiplied through the blocks;
+    the map is the class token's row over the patch tokens (the mean row for a ViT without class token), as a patch
+    grid upsampled bilinearly to the input. It explains what the image embedding attends to, whatever class the head
+    then predicts (it is class-agnostic; the logits are still returned). Written here for the same reason as Grad-CAM
+    (no package dependency): it needs only a forward hook per block and a product of matrices."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        from .backbones import vision_transformer_of
+
+        self.vit = vision_transformer_of(backbone)
+        if self.vit is None:
+            raise AttentionError(f'attention rollout needs a VisionTransformer backbone, got {type(backbone).__name__}')
+        self.backbone = backbone
+        self.head = head
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        from .backbones import pool_output
+
+        captured: list[torch.Tensor] = []
+        grid: dict = {}
+
+        def keep_attention(module, inputs, output) -> None:   # (a hook that returned a value would replace output)
+            captured.append(_attention_probabilities(module, inputs[0]))
+
+        def keep_grid(module, inputs, output) -> None:
+            grid['hw'] = tuple(int(v) for v in output[1])
+
+        handles = [layer.attn.register_forward_hook(keep_attention) for layer in self.vit.layers]
+        handles.append(self.vit.patch_embed.register_forward_hook(keep_grid))
+        try:
+            logits = self.head(pool_output(self.backbone(x)).float())
+        finally:
+            for handle in handles:
+                handle.remove()
+        if targets is None:
+            targets = logits.argmax(dim=1)
+        tokens = captured[0].shape[-1]
+        rollout = torch.eye(tokens, device=x.device).expand(x.shape[0], tokens, tokens)
+        for probabilities in captured:
+            step = 0.5 * probabilities.mean(dim=1) + 0.5 * torch.eye(tokens, device=x.device)
+            rollout = (step / step.sum(dim=-1, keepdim=True)) @ rollout
+        extra = int(self.vit.num_extra_tokens)
+        rows = rollout[:, 0] if extra else rollout.mean(dim=1)
+        height, width = grid['hw']
+        cam = rows[:, extra:].reshape(-1, 1, height, width)
+        cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode='bilinear', align_corners=False)[:, 0]
+        return cam.clamp_min(0).float().cpu(), logits.float().cpu(), targets.cpu()
+
+
+def attention_method(backbone: nn.Module) -> str:
+    """``'attention_rollout'`` for a vision transformer, ``'grad_cam'`` for a convolutional backbone."""
+    from .backbones import vision_transformer_of
+
+    return 'attention_rollout' if vision_transformer_of(backbone) is not None else 'grad_cam'
+
+
+def attention_maps(backbone: nn.Module, head: nn.Module, images_uint8: np.ndarray, targets=None,
+                   device: torch.device | str = 'cpu', batch_size: int = 32):
+    """:func:`grad_cam` for a convolutional backbone, attention rollout (:class:`AttentionRollout`) for a vision
+    transformer; the same ``(maps, logits, targets)`` either way."""
+    if attention_method(backbone) == 'grad_cam':
+        return grad_cam(backbone, head, images_uint8, targets, device, batch_size)
+    return _explain(AttentionRollout(backbone, head), backbone, head, images_uint8, targets, device, batch_size)
+
+
+def _explain(operator, backbone: nn.Module, head: nn.Module, images_uint8: np.ndarray, targets, device,
+             batch_size: int):
+    """Run a map ``operator(x, targets) -> (maps, logits, targets)`` over batches of uint8 images in eval mode."""
     device = torch.device(device)
     pair = nn.ModuleDict({'backbone': backbone, 'head': head})
-    cam_op = GradCAM(backbone, head)
     cams, logits, chosen = [], [], []
     with borrowed(pair, device):
         for start in range(0, len(images_uint8), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images_uint8[start:start + batch_size])).to(device)
             wanted = None if targets is None else torch.as_tensor(np.asarray(targets[start:start + batch_size]))
-            cam, logit, target = cam_op(to_model_input(batch), wanted)
+            cam, logit, target = operator(to_model_input(batch), wanted)
             cams.append(cam.numpy())
             logits.append(logit.numpy())
             chosen.append(target.numpy())
     if not cams:
-        raise AttentionError('Grad-CAM: no images')
+        raise AttentionError('attention maps: no images')
     return np.concatenate(cams), np.concatenate(logits), np.concatenate(chosen)
 
 
@@ -257,6 +347,7 @@ class AttentionResult:
     cams: np.ndarray
     targets: np.ndarray
     predictions: np.ndarray
+    method: str = 'grad_cam'                 # or 'attention_rollout' (a vision transformer)
 
     def score_of(self, position: int) -> float | None:
         for entry in self.scores:
@@ -267,7 +358,8 @@ class AttentionResult:
 
 def analyse(backbone: nn.Module, head: nn.Module, inputs: AttentionInputs, device: torch.device | str = 'cpu',
             target: str = 'predicted', class_names: list[str] | None = None, batch_size: int = 32) -> AttentionResult:
-    """Grad-CAM of every input image and its ROI-attention score (see the module docstring)."""
+    """The attention map of every input image (Grad-CAM, or attention rollout for a vision transformer:
+    :func:`attention_maps`) and its ROI-attention score (see the module docstring)."""
     if target not in ('predicted', 'true'):
         raise AttentionError(f'target must be "predicted" or "true", got {target!r}')
     targets = None
@@ -278,7 +370,7 @@ def analyse(backbone: nn.Module, head: nn.Module, inputs: AttentionInputs, devic
         classes = head.out_features if isinstance(head, nn.Linear) else None
         if classes is not None and (targets.max() >= classes or targets.min() < 0):
             raise AttentionError(f'--target true: labels of {inputs.dataset} do not fit the model\'s {classes} classes')
-    cams, logits, chosen = grad_cam(backbone, head, inputs.images, targets, device, batch_size)
+    cams, logits, chosen = attention_maps(backbone, head, inputs.images, targets, device, batch_size)
     predictions = logits.argmax(axis=1)
 
     def label(k):
@@ -299,7 +391,7 @@ def analyse(backbone: nn.Module, head: nn.Module, inputs: AttentionInputs, devic
         scores.append({**entry, 'score': score, 'position': position, 'target': label(chosen[position]),
                        'predicted': label(predictions[position]), 'roi_fraction': float(mask.mean())})
     mean, ci = mean_ci([s['score'] for s in scores])
-    return AttentionResult(scores, missing, skipped, mean, ci, cams, chosen, predictions)
+    return AttentionResult(scores, missing, skipped, mean, ci, cams, chosen, predictions, attention_method(backbone))
 
 
 def report_dict(result: AttentionResult, inputs: AttentionInputs, model: dict, target: str) -> dict:
@@ -315,7 +407,9 @@ def report_dict(result: AttentionResult, inputs: AttentionInputs, model: dict, t
         'mean': result.mean,
         'ci95': list(result.ci95),
         'ci_method': CI_METHOD,
-        'score': 'share of positive Grad-CAM mass inside the ROI mask (chance level = ROI area fraction)',
+        'method': result.method,
+        'score': f'share of positive {METHOD_NAMES[result.method]} mass inside the ROI mask (chance level = ROI '
+                 f'area fraction)',
         'mean_roi_fraction': (float(np.mean([s['roi_fraction'] for s in result.scores]))
                               if result.scores else None),
         'missing_masks': result.missing_masks,
@@ -353,7 +447,7 @@ def render_grid(inputs: AttentionInputs, result: AttentionResult, path: str, max
             status = 'no mask'
         else:
             status = skipped.get(inputs.indices[position], 'skipped').split(' (')[0]
-        panels = (('image + ROI', None), ('Grad-CAM', 'cam'), (status, 'overlay'))
+        panels = (('image + ROI', None), (METHOD_NAMES[result.method], 'cam'), (status, 'overlay'))
         for col, (label, kind) in enumerate(panels):
             ax = axes[row, col]
             if kind == 'cam':

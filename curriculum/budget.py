@@ -77,10 +77,16 @@ def summarise(curves: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return out
 
 
+def _backbone_text(cfg: dict) -> str:
+    """``type key=value ...`` of a backbone config (the type first)."""
+    return ' '.join([str(cfg.get('type'))] + [f'{k}={v}' for k, v in cfg.items() if k != 'type'])
+
+
 def render_markdown(report: dict) -> str:
     s = report['settings']
     lines = [f'# Budget curves: {s["dataset"]} at {s["image_size"]} px, {s["epochs"]} epochs', '',
              *provenance_lines(report),
+             *([f'Backbone: `{_backbone_text(s["backbone"])}`  '] if s.get('backbone') else []),
              f'Seeds: {", ".join(str(x) for x in s["seeds"])}; precision {report.get("precision", "-")}; kNN '
              f'(k={s["k"]}) balanced accuracy on the val split, labeled memory of at most {s["max_images"]} train '
              'images; epoch 0 = random initialisation (the same backbone for every task of a seed).', '',

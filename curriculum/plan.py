@@ -58,10 +58,25 @@ def load_config(path: str | None = None, options: dict[str, Any] | None = None) 
 
     config = read_yaml(DEFAULT_CONFIG)
     if path and os.path.abspath(path) != os.path.abspath(DEFAULT_CONFIG):
-        config = deep_merge(config, read_yaml(path))
-    config = apply_dotted(config, options or {})
+        user = read_yaml(path)
+        backbone = user.get('backbone')
+        config = deep_merge(_without_other_backbone(config, backbone.get('type') if isinstance(backbone, dict)
+                                                    else None), user)
+    options = options or {}
+    config = apply_dotted(_without_other_backbone(config, options.get('backbone.type')), options)
     check_config_keys(config, CONFIG_DIR, KNOWN_PROTOCOLS)
     return config
+
+
+def _without_other_backbone(config: dict, new_type: Any) -> dict:
+    """``config`` with an empty backbone mapping when an override names another backbone ``type``: the keys of the
+    backbone it replaces (a ResNet's ``depth``, ``out_indices``) mean something else or nothing to the new class,
+    so ``--cfg-options backbone.type=VisionTransformer backbone.arch=deit-tiny`` builds exactly what it names. The
+    same type (or none named) keeps the mapping for the override to merge into."""
+    backbone = config.get('backbone')
+    if new_type is None or not isinstance(backbone, dict) or backbone.get('type') == new_type:
+        return config
+    return {**config, 'backbone': {}}
 
 
 def task_recipe(task: str) -> dict:

@@ -1,7 +1,8 @@
 """Plan-time checks of everything outside the config that a run needs, before any compute and before anything is
 written: the work dir and work root can be created and written, the results store and the Optuna storage can be
 opened, ``--init`` weights load weights-only and fit the backbone, the downstream data have at least two classes
-with labeled training images, and every stage's batch fits the training images.
+with labeled training images, every stage's batch fits the training images, and the backbone gives every stage's
+task what it reads (a vision transformer's patch tokens, convolutional feature maps, inputs of at least one patch).
 
 Each problem is a one-line :class:`~curriculum.errors.PlanError` (or the data layer's / checkpoint layer's own
 error), so the tools end with exit code 2 and leave existing folders as they were. Nothing here creates a file or a
@@ -154,3 +155,70 @@ def check_colour(plan, pretext) -> None:
     if needing and is_grayscale(pretext.unlabeled('train').images):
         raise PlanError(f'{needing[0]}: predicts colour, and the training images of {pretext.name} are grayscale; '
                         f'use colour images or leave {needing[0]} out of the order')
+
+
+#: (backbone config, image size) → (patch size or None, output shape): the probe of :func:`check_backbone`, once
+#: per process (a sweep checks the same backbone for every ordering)
+_BACKBONE_PROBES: dict[tuple[str, int], tuple[int | None, tuple[int, ...]]] = {}
+
+
+def probe_backbone(backbone_cfg: dict, image_size: int) -> tuple[int | None, tuple[int, ...]]:
+    """``(patch size of a vision transformer or None, shape of the last output for image_size px images)`` of the
+    configured backbone, built once per process and configuration (no weights are loaded; the caller's random
+    stream is left as it was). A backbone that cannot be built, or fails on such images, is a one-line error."""
+    import json
+
+    import torch
+
+    from benchmarks.backbones import output_shape, patch_size_of
+    from pretext_tasks.base import build_backbone
+
+    key = (json.dumps(backbone_cfg, sort_keys=True, default=str), int(image_size))
+    if key not in _BACKBONE_PROBES:
+        with torch.random.fork_rng(devices=[]):
+            backbone = build_backbone(dict(backbone_cfg))
+        try:
+            shape = output_shape(backbone, int(image_size))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PlanError(f'backbone {backbone_cfg.get("type", "backbone")} fails on {image_size} px images: '
+                            f'{detail}') from None
+        _BACKBONE_PROBES[key] = (patch_size_of(backbone), shape)
+    return _BACKBONE_PROBES[key]
+
+
+def check_backbone(plan) -> None:
+    """The configured backbone can be built and run on the run's images, and it gives every stage's task what the
+    task reads: a PlanError when a task that ``needs_patch_tokens`` (iBOT) meets a backbone that is not a vision
+    transformer, when a task that ``needs_feature_map`` (ColorMe's decoder) meets one that returns vectors or
+    tokens, or when a task feeds a vision transformer inputs smaller than one of its patches (e.g. small local
+    crops or relloc's patches against a large ``patch_size``). The backbone is probed once per configuration
+    (:func:`probe_backbone`)."""
+    from pretext_tasks.registry import TASKS
+
+    from .plan import stage_image_size
+
+    if not plan.stages:
+        return
+    config = plan.config
+    name = config['backbone'].get('type', 'backbone')
+    image_size = int(config['image_size'])
+    patch, shape = probe_backbone(dict(config['backbone']), image_size)
+    for stage in plan.stages:
+        task = TASKS[stage.task]
+        if getattr(task, 'needs_patch_tokens', False) and patch is None:
+            raise PlanError(f'{stage.task}: needs the patch tokens of a vision transformer, and the backbone {name} '
+                            f'has none; use e.g. --cfg-options backbone.type=VisionTransformer '
+                            f'backbone.arch=deit-tiny backbone.img_size={image_size} '
+                            f'backbone.patch_size={max(1, image_size // 8)}')
+        if getattr(task, 'needs_feature_map', False) and len(shape) != 4:
+            hint = ' (a VisionTransformer returns them with backbone.out_type=featmap)' if patch else ''
+            returned = '(N, ' + ', '.join(str(v) for v in shape[1:]) + ')'
+            raise PlanError(f'{stage.task}: needs convolutional feature maps (N, C, H, W) from the backbone, and '
+                            f'{name} returns {returned} for {image_size} px images{hint}')
+        if patch is not None:
+            sizes = task.backbone_input_sizes(stage.cfg, stage_image_size(stage, image_size))
+            small = [size for size in sizes if size < patch]
+            if small:
+                raise PlanError(f'{stage.task}: feeds its backbone {small[0]} px inputs, smaller than one '
+                                f'{patch} px patch of {name}; use a smaller backbone.patch_size or larger inputs')

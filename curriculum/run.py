@@ -219,6 +219,7 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
     storage = optuna_storage or default_storage(work_root)
     searching = bool(plan.stages) and int((config.get('lr_search') or {}).get('trials', 0)) > 0
     preflight.check_outputs(work_dir, work_root, results_url, storage if searching or optuna_storage else None)
+    preflight.check_backbone(plan)   # the backbone gives each task what it reads (patch tokens, feature maps)
     init_state = preflight.load_init_weights(init_path, dict(config['backbone']), seed) if init_path else None
     pretext = _load_pretext_data(config)
     downstream_data = _load_downstream_data(config, pretext)

@@ -1,5 +1,5 @@
 """Pretext tasks, one file each, registered by name (``@register_task``): relloc, rotation, moco, swav, odc,
-simclr, byol, micle.
+simclr, byol, micle, colorme, dino, ibot.
 
 Every module of this package is imported here, so a new task is its own file (with the decorator) plus its recipe
 ``configs/tasks/<name>.yaml``; nothing else lists tasks — tools and the scheduler read :data:`TASKS`. A task knows

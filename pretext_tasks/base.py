@@ -23,6 +23,8 @@ import torch.nn as nn
 from mmengine.dist import get_rank
 from mmengine.model import BaseModel
 
+from benchmarks.backbones import pool_output
+
 from .errors import NonFiniteLossError, PretextConfigError
 
 DEFAULT_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,))
@@ -40,6 +42,9 @@ def build_backbone(cfg: dict | None) -> nn.Module:
         return MODELS.build(cfg)
     except KeyError as exc:
         raise PretextConfigError(f'unknown backbone type {cfg.get("type")!r}: {exc}') from None
+    except (TypeError, ValueError, AssertionError) as exc:  # an option the class does not take, a bad arch name
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretextConfigError(f'backbone {cfg.get("type")!r} cannot be built from {cfg}: {detail}') from None
 
 
 def quiet_init_weights(module: nn.Module) -> None:
@@ -72,11 +77,10 @@ def initial_backbone(cfg: dict | None, seed: int) -> nn.Module:
 
 
 def pool_last(features: Any) -> torch.Tensor:
-    """Global-average-pool the last feature map an mmpretrain backbone returns (a tuple of maps)."""
-    last = features[-1] if isinstance(features, (tuple, list)) else features
-    if last.dim() == 4:
-        return last.mean(dim=(2, 3))
-    return last
+    """One feature vector per image from an mmpretrain backbone's output (a tuple: the last is used): a map averaged
+    over space, a token sequence over tokens, a vision transformer's class token as it is. The same rule as the
+    downstream protocols' (:func:`benchmarks.backbones.pool_output`)."""
+    return pool_output(features)
 
 
 def config_number(task: str, task_cfg: dict, key: str, default, kind=float):
@@ -132,6 +136,20 @@ class PretextTask(BaseModel):
     #: True: the task learns from the images' colour (it predicts colour from luminance), so data whose images
     #: are grayscale (one channel, or three equal ones) stop the run when it is planned
     needs_colour: ClassVar[bool] = False
+    #: True: the task reads the patch tokens of a vision transformer (mmpretrain's ``VisionTransformer`` family),
+    #: so any other backbone stops the run when it is planned (curriculum.preflight.check_backbone)
+    needs_patch_tokens: ClassVar[bool] = False
+    #: True: the task needs convolutional feature maps ``(N, C, H, W)`` from the backbone (e.g. a decoder on them),
+    #: so a backbone that returns vectors or tokens stops the run when it is planned
+    needs_feature_map: ClassVar[bool] = False
+
+    @classmethod
+    def backbone_input_sizes(cls, task_cfg: dict, image_size: int) -> list[int]:
+        """The sides (px) of the square inputs the task feeds its backbone for ``image_size`` px images: the image
+        size itself, unless the task cuts patches or smaller crops (relloc's patches, multi-crop's local crops).
+        The plan checks them against a vision transformer's patch size (an input smaller than one patch cannot
+        be cut into tokens)."""
+        return [int(image_size)]
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:

@@ -186,6 +186,7 @@ class ColorMe(PretextTask):
 
     name = 'colorme'
     needs_colour = True
+    needs_feature_map = True   # its decoder upsamples the backbone's (N, C, H, W) maps
 
     @classmethod
     def check_config(cls, task_cfg: dict, image_size: int) -> None:

@@ -134,6 +134,12 @@ def patch_guards(x: torch.Tensor, generator: torch.Generator, color_drop_p: floa
     return torch.where(gray.view(-1, 1, 1, 1), luma, x)
 
 
+def patch_input_size(image_size: int, patch_input_frac: float = DEFAULTS['patch_input_frac']) -> int:
+    """The side (px) the patches are resized to before the backbone: ``patch_input_frac`` of the image side, never
+    below :data:`MIN_PATCH_INPUT`."""
+    return max(MIN_PATCH_INPUT, int(round(float(patch_input_frac) * int(image_size))))
+
+
 @register_task
 class RelativeLocation(ClassificationPretext):
     """Relative patch location: predict which of the 8 neighbours a patch is, given the centre patch."""
@@ -153,6 +159,12 @@ class RelativeLocation(ClassificationPretext):
             config_number('relloc', task_cfg, key, d[key])
         config_number('relloc', task_cfg, 'head_hidden', d['head_hidden'], int)
 
+    @classmethod
+    def backbone_input_sizes(cls, task_cfg: dict, image_size: int) -> list[int]:
+        """The backbone sees the resized patches only."""
+        return [patch_input_size(image_size, config_number('relloc', task_cfg, 'patch_input_frac',
+                                                           DEFAULTS['patch_input_frac']))]
+
     def __init__(self, backbone, task_cfg, num_images, image_size, seed=0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         d = DEFAULTS
@@ -161,9 +173,8 @@ class RelativeLocation(ClassificationPretext):
         self.patch, self.gap, self.jitter = grid_geometry(
             self.image_size, float(self.cfg('patch_frac', d['patch_frac'])),
             float(self.cfg('gap_frac', d['gap_frac'])), float(self.cfg('jitter_frac', d['jitter_frac'])))
-        self.patch_input = max(MIN_PATCH_INPUT,
-                               int(round(float(self.cfg('patch_input_frac', d['patch_input_frac']))
-                                         * self.image_size)))
+        self.patch_input = patch_input_size(self.image_size, float(self.cfg('patch_input_frac',
+                                                                            d['patch_input_frac'])))
         self.color_drop_p = float(self.cfg('color_drop_p', d['color_drop_p']))
         self.grayscale_p = float(self.cfg('grayscale_p', d['grayscale_p']))
         self.channel_jitter = float(self.cfg('channel_jitter', d['channel_jitter']))

@@ -38,11 +38,20 @@ from .augment import (
     random_resized_crop,
     to_float_nchw,
 )
-from .base import PretextTask, check_crop_scale, config_number
+from .base import PretextTask, check_crop_scale, config_number, pool_last
 from .errors import PretextConfigError
+from .moco import _backbone_outputs
 from .registry import register_task
 
 MAX_PROTOTYPES = 3000
+
+
+class PooledVector(torch.nn.Module):
+    """:func:`pretext_tasks.base.pool_last` as a module (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_last(x)
+
 MAX_QUEUE = 3840
 
 
@@ -88,6 +97,12 @@ class SwAVTask(PretextTask):
         check_crop_scale('swav', task_cfg, (0.14, 1.0), 'global_scale')
         check_crop_scale('swav', task_cfg, (0.05, 0.14), 'local_scale')
 
+    @classmethod
+    def backbone_input_sizes(cls, task_cfg: dict, image_size: int) -> list[int]:
+        """The global crops at the image size and, with local crops, the local crops' side."""
+        local = [swav_local_size(image_size, task_cfg.get('local_size'))] if task_cfg.get('local_crops', 6) else []
+        return [int(image_size)] + local
+
     def __init__(self, backbone: dict | None, task_cfg: dict, num_images: int, image_size: int, seed: int = 0):
         super().__init__(backbone, task_cfg, num_images, image_size, seed)
         import mmpretrain.models  # noqa: F401  (registers SwAV and its parts)
@@ -119,6 +134,10 @@ class SwAVTask(PretextTask):
         self.algorithm = MODELS.build(dict(type='SwAV', backbone=self.backbone, neck=neck,
                                            head=dict(type='SwAVHead', loss=loss)))
         assert self.algorithm.backbone is self.backbone
+        if len(_backbone_outputs(self.backbone, self.image_size)[-1].shape) != 4:
+            # SwAVNeck pools only (N, C, H, W) maps (without its pooling it concatenates nothing): a backbone that
+            # returns vectors or tokens (a vision transformer) is pooled by the engine's rule instead
+            self.algorithm.neck.avgpool = PooledVector()
         # the feature queue: (crops used for assignment, length, feat_dim); part of the checkpointed state
         self.register_buffer('feature_queue',
                              torch.zeros(len(self.crops_for_assign), self.queue_length, self.feat_dim))

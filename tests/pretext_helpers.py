@@ -19,9 +19,10 @@ from pretext_tasks.data import IndexedImages, collate_batch
 
 def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: float = 0.05,
                weight_decay: float = 1e-4, seed: int = 0, work_dir: str | None = None,
-               on_epoch_end=None, groups: np.ndarray | None = None) -> list[dict[str, float]]:
-    """Train ``task`` for ``epochs`` with SGD; returns per-epoch means of every logged value. ``groups``: the
-    images' int64 group ids, for a task that ``needs_groups`` (the batches then carry group partners).
+               on_epoch_end=None, groups: np.ndarray | None = None, optimizer: str = 'sgd') -> list[dict[str, float]]:
+    """Train ``task`` for ``epochs`` with SGD (momentum 0.9), or AdamW with ``optimizer='adamw'``; returns per-epoch
+    means of every logged value. ``groups``: the images' int64 group ids, for a task that ``needs_groups`` (the
+    batches then carry group partners).
 
     The task's own mmengine hooks (``task.hooks()``) are called at the usual points with a minimal stand-in for
     the Runner (``model``, ``epoch``, ``iter``, ``max_epochs``, ``max_iters``, ``work_dir``, ``logger``).
@@ -30,8 +31,10 @@ def train_task(task, images: np.ndarray, epochs: int, batch_size: int = 64, lr: 
     dataset = IndexedImages(images, groups=groups, seed=seed)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_batch)
-    optimizer = torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    wrapper = OptimWrapper(optimizer)
+    if optimizer == 'adamw':
+        wrapper = OptimWrapper(torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=weight_decay))
+    else:
+        wrapper = OptimWrapper(torch.optim.SGD(task.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay))
     hooks = task.hooks()
     runner = SimpleNamespace(model=task, epoch=0, iter=0, max_epochs=epochs, max_iters=epochs * len(loader),
                              work_dir=work_dir or tempfile.mkdtemp(), logger=logging.getLogger('pretext-test'),
@@ -137,12 +140,17 @@ def derm_sample(train: int = 1200, val: int = 400, size: int = 64, dataset: str 
 
 def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay: float = 1e-4,
                  batch_size: int = 64, backbone: dict | None = None, dataset: str = 'synthetic_derm',
-                 data_root: str | None = None, size: int = 64, train: int = 1200, val: int = 400) -> dict:
+                 data_root: str | None = None, size: int = 64, train: int = 1200, val: int = 400,
+                 optimizer: str = 'sgd', probe_every_epoch: bool = False, init_weights: bool = False) -> dict:
     """Train task ``name`` from a random init on a :func:`derm_sample` (``train`` / ``val`` images at ``size`` px)
-    and probe it before and after. A task that ``needs_groups`` gets the sample's group ids.
+    and probe it before and after. A task that ``needs_groups`` gets the sample's group ids. ``optimizer``: 'sgd'
+    or 'adamw' (:func:`train_task`); ``probe_every_epoch``: also the raw kNN probe after every epoch;
+    ``init_weights``: initialise the task as the engine does (mmengine's ``init_cfg``: e.g. a ViT's positional
+    embedding drawn, not zero), its momentum copies synced to it, instead of PyTorch's default initialisation.
 
-    Returns ``task``, ``history`` (per-epoch means), ``seconds`` (training only) and ``random`` / ``trained``: the
-    two kNN probes of :func:`knn_probes` (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
+    Returns ``task``, ``history`` (per-epoch means, with ``knn`` when probed every epoch), ``seconds`` (training,
+    and the per-epoch probes when asked for) and ``random`` / ``trained``: the two kNN probes of :func:`knn_probes`
+    (k=20, train → val). Prints one summary line (shown with ``pytest -s``)."""
     import time
 
     from pretext_tasks.registry import build_task, get_task_class
@@ -153,10 +161,17 @@ def learning_run(name: str, task_cfg: dict, epochs: int, lr: float, weight_decay
     groups = sample[4][train_idx] if needs_groups else None
     torch.manual_seed(0)
     task = build_task(name, backbone or LEARN_BACKBONE, dict(task_cfg), len(train_idx), images.shape[1], seed=0)
+    if init_weights:
+        task.init_weights()
+        task.load_backbone(task.backbone_state())
     random_probes = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     start = time.perf_counter()
+    def probe(epoch, so_far):
+        so_far[-1]['knn'] = knn_accuracy(task.backbone, images, labels, train_idx, val_idx)
+
     history = train_task(task, images[train_idx], epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, groups=groups)
+                         weight_decay=weight_decay, groups=groups, optimizer=optimizer,
+                         on_epoch_end=probe if probe_every_epoch else None)
     seconds = time.perf_counter() - start
     trained = knn_probes(task.backbone, images, labels, train_idx, val_idx)
     metric = history[-1].get('pretext_acc')
@@ -223,8 +238,9 @@ def resume_stage_config(task: str, **overrides) -> dict:
     return build_plan(task, load_config(None, options)).stages[0].cfg
 
 
-def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
-    """Run (or resume) the resume tests' stage in ``stage_dir``; the stage record goes to ``record.json`` there."""
+def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str, backbone: dict | None = None) -> None:
+    """Run (or resume) the resume tests' stage in ``stage_dir`` (on ``backbone``, default :data:`RESUME_BACKBONE`);
+    the stage record goes to ``record.json`` there."""
     import json
     import os
 
@@ -233,7 +249,7 @@ def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
 
     images, _, train_idx, val_idx, groups = derm_sample(RESUME_IMAGES, 16, 32, with_groups=True)
     inputs = StageInputs(train_images=images[train_idx], val_images=images[val_idx], image_size=32,
-                         backbone_cfg=dict(RESUME_BACKBONE), seed=0, device='cpu',
+                         backbone_cfg=dict(backbone or RESUME_BACKBONE), seed=0, device='cpu',
                          precision=resolve_precision('none', 'cpu'), deterministic=True,
                          train_groups=groups[train_idx])
     record = train_stage(task, cfg, lr, inputs, None, stage_dir)
@@ -241,7 +257,8 @@ def _resume_stage_main(task: str, cfg: dict, lr: float, stage_dir: str) -> None:
         json.dump(record, handle)
 
 
-def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None = None):
+def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None = None,
+                   backbone: dict | None = None):
     """:func:`_resume_stage_main` in a fresh Python process (one thread; ``CURRICULUM_FAULT=fault`` kills it)."""
     import json
     import os
@@ -255,15 +272,17 @@ def _stage_process(task: str, cfg: dict, lr: float, stage_dir, fault: str | None
     env.pop('CURRICULUM_FAULT', None)
     if fault:
         env['CURRICULUM_FAULT'] = fault
-    return subprocess.run([sys.executable, '-c', code, json.dumps([task, cfg, lr, str(stage_dir)])],
+    return subprocess.run([sys.executable, '-c', code, json.dumps([task, cfg, lr, str(stage_dir), backbone])],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: dict, lr: float, tmp_path) -> dict:
+def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: dict, lr: float, tmp_path,
+                                                              backbone: dict | None = None) -> dict:
     """The task's stage killed (SIGKILL) in its second epoch, after the first epoch's checkpoint, then run again,
     ends exactly as the uninterrupted stage: same per-epoch history (every logged value) and the same backbone,
     tensor for tensor. The backbone file it hands on holds exactly the backbone's weights (none of the task's
-    heads, necks, target networks or queues) and loads strictly into the initial backbone. Returns the record."""
+    heads, necks, target networks or queues) and loads strictly into the initial backbone. ``backbone``: the
+    stage's backbone config (default :data:`RESUME_BACKBONE`). Returns the record."""
     import json
     import signal
 
@@ -277,13 +296,13 @@ def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: di
         return record, load_checkpoint_file(str(stage_dir / BACKBONE_FILE), map_location='cpu')
 
     reference, reference_backbone = finished(tmp_path / 'reference',
-                                             _stage_process(task, cfg, lr, tmp_path / 'reference'))
+                                             _stage_process(task, cfg, lr, tmp_path / 'reference', backbone=backbone))
     killed = tmp_path / 'killed'
     per_epoch = reference['num_images'] // RESUME_BATCH   # iterations of an epoch (drop_last)
-    proc = _stage_process(task, cfg, lr, killed, fault=f'train_iter:{per_epoch + 2}')
+    proc = _stage_process(task, cfg, lr, killed, fault=f'train_iter:{per_epoch + 2}', backbone=backbone)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     assert (killed / 'epoch_1.pth').exists() and not (killed / BACKBONE_FILE).exists()
-    resumed, resumed_backbone = finished(killed, _stage_process(task, cfg, lr, killed))
+    resumed, resumed_backbone = finished(killed, _stage_process(task, cfg, lr, killed, backbone=backbone))
     assert resumed['resumed_at_epoch'] == 1 and reference['resumed_at_epoch'] == 0
     assert [entry['epoch'] for entry in resumed['history']] == list(range(1, RESUME_EPOCHS + 1))
     assert resumed['history'] == reference['history']
@@ -292,7 +311,7 @@ def assert_stage_resumes_exactly_and_passes_only_its_backbone(task: str, cfg: di
         assert torch.equal(resumed_backbone[name], value), name
 
     # the hand-over: the backbone's weights and nothing else
-    fresh = initial_backbone(RESUME_BACKBONE, 0)
+    fresh = initial_backbone(backbone or RESUME_BACKBONE, 0)
     assert set(reference_backbone) == set(fresh.state_dict())
     result = fresh.load_state_dict(reference_backbone, strict=True)
     assert not result.missing_keys and not result.unexpected_keys

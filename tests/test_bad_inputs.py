@@ -176,6 +176,10 @@ def not_a_database(tmp):
     return ['--results', f'sqlite:///{path}']
 
 
+#: a DeiT-tiny at the default 64 px with 8 px patches
+VIT_OPTIONS = ['backbone.type=VisionTransformer', 'backbone.arch=deit-tiny', 'backbone.img_size=64',
+               'backbone.patch_size=8']
+
 #: (id, builder(tmp) -> extra args, fragment of the one error line)
 CASES = [
     # orders, flags, values
@@ -211,6 +215,19 @@ CASES = [
     ('seed not a number', lambda t: ['--cfg-options', 'seed=abc'], "seed must be a non-negative integer, got 'abc'"),
     ('lr not a number', lambda t: ['--cfg-options', 'tasks.odc.lr=fast'], "odc: lr must be a number, got 'fast'"),
     ('cfg option without =', lambda t: ['--cfg-options', 'seed'], "--cfg-options entry 'seed' is not KEY=VALUE"),
+    # backbones: a task that needs what the backbone does not give, a backbone its class cannot build
+    ('ibot on a ResNet', lambda t: ['--order', 'ibot'],
+     'ibot: needs the patch tokens of a vision transformer, and the backbone ResNet has none'),
+    ('colorme on a ViT', lambda t: ['--order', 'colorme', '--cfg-options', *VIT_OPTIONS],
+     'colorme: needs convolutional feature maps (N, C, H, W) from the backbone, and VisionTransformer returns '
+     '(N, 192)'),
+    ('relloc patches smaller than a ViT patch',
+     lambda t: ['--order', 'relloc', '--cfg-options', *VIT_OPTIONS[:3], 'backbone.patch_size=48'],
+     'relloc: feeds its backbone 32 px inputs, smaller than one 48 px patch of VisionTransformer'),
+    ('ResNet option on a ViT', lambda t: ['--cfg-options', 'backbone.type=VisionTransformer', 'backbone.depth=12'],
+     "backbone 'VisionTransformer' cannot be built from"),
+    ('unknown ViT arch', lambda t: ['--cfg-options', 'backbone.type=VisionTransformer', 'backbone.arch=deit-giant'],
+     'Arch deit-giant is not in default archs'),
     # config files and keys
     ('missing config file', lambda t: ['--config', 'missing.yaml'], 'config file not found: missing.yaml'),
     ('yaml python tag', lambda t: config_file(t, 'seed: !!python/object/apply:os.system ["touch EXECUTED"]\n'),

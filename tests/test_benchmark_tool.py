@@ -55,6 +55,11 @@ def test_quick_benchmark_writes_every_section(quick_run):
             assert entry[key] > 0, (task, key)
         assert entry['precision'] in ('fp32', 'bf16') and entry['ceiling_dtype'] == entry['precision']
         assert entry['precision_variants']['fp32']['precision'] == 'fp32'
+    # DINO on ResNet-18 and on the benchmark's ViT, iBOT on the ViT only (it needs patch tokens)
+    assert data['pretext']['dino']['backbone'] == 'ResNet-18'
+    for entry in ('dino@vit-tiny', 'ibot'):
+        assert data['pretext'][entry]['backbone'] == 'VisionTransformer deit-tiny/4', entry
+        assert data['pretext'][entry]['images_per_s'] > 0 and data['pretext'][entry]['fraction_of_ceiling'] > 0
     for task in ('moco', 'swav'):
         assert data['peer'][task]['images_per_s'] > 0
         assert data['ratio'][task]['value'] > 0

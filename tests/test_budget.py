@@ -38,8 +38,18 @@ def test_budget_writes_json_markdown_and_plot_with_a_curve_per_task(tmp_path):
 def test_budget_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     for args, fragment in ((['--tasks', 'rotation'], '--epochs is required'),
                            (['--tasks', 'bogus', '--epochs', '1'], "unknown pretext task 'bogus'"),
-                           (['--tasks', 'rotation', '--epochs', '1', '--seeds', 'a'], '--seeds must be')):
+                           (['--tasks', 'rotation', '--epochs', '1', '--seeds', 'a'], '--seeds must be'),
+                           (['--tasks', 'rotation,ibot', '--epochs', '1'],
+                            'ibot: needs the patch tokens of a vision transformer')):
         code = load_tool('budget').main([*args, '--work-root', str(tmp_path), '--out', str(tmp_path / 'out')])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
-    assert not (tmp_path / 'out').exists()
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'runs').exists()
+
+
+def test_budget_curves_by_default_every_task_the_default_backbone_can_train():
+    from pretext_tasks.registry import task_names
+
+    defaults = load_tool('budget').parse_args([]).tasks.split(',')
+    assert 'dino' in defaults and 'ibot' not in defaults                 # iBOT needs a ViT: only with --tasks
+    assert set(defaults) == set(task_names()) - {'ibot'}

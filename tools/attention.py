@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Grad-CAM of a run's fine-tuned model and its attention inside the ROI masks of a dataset.
+"""Grad-CAM (attention rollout for a vision transformer) of a run's fine-tuned model and its attention inside the ROI
+masks of a dataset.
 
     python tools/attention.py --work-dir W [--dataset NAME --data-root PATH] [--masks DIR] [--out DIR]
         [--max-images 64] [--split test] [--target predicted|true] [--device auto|cpu|cuda]
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--split', default='test', choices=('train', 'val', 'test', 'all'),
                         help='dataset split (ignored for a plain image folder)')
     parser.add_argument('--target', default='predicted', choices=('predicted', 'true'),
-                        help='class whose logit Grad-CAM explains')
+                        help='class whose logit Grad-CAM explains (attention rollout is class-agnostic)')
     parser.add_argument('--image-size', type=int, default=None,
                         help='input size (default: the run\'s image_size from result.json, else 64)')
     parser.add_argument('--grid-images', type=int, default=8, help='rows of the overlay grid')
@@ -146,11 +147,12 @@ def run(args) -> int:
         updated = update_result(work_dir, {'mean': outcome.mean, 'ci95': list(outcome.ci95),
                                            'dataset': inputs.dataset, 'split': inputs.split,
                                            'num_scored': len(outcome.scores), 'target': args.target,
-                                           'ci_method': report['ci_method'], 'file': os.path.abspath(json_path)})
+                                           'ci_method': report['ci_method'], 'method': report['method'],
+                                           'file': os.path.abspath(json_path)})
     mean = '-' if outcome.mean is None else f'{outcome.mean:.3f}'
     ci = '' if outcome.ci95[0] is None else f' (95% CI {outcome.ci95[0]:.3f}-{outcome.ci95[1]:.3f})'
-    print(f'attention in ROI: {mean}{ci} over {len(outcome.scores)} of {len(inputs)} image(s) of '
-          f'{inputs.dataset} ({inputs.split})')
+    print(f'attention in ROI ({report["method"]}): {mean}{ci} over {len(outcome.scores)} of {len(inputs)} image(s) '
+          f'of {inputs.dataset} ({inputs.split})')
     print(f'images without a mask: {len(outcome.missing_masks)}; skipped: {len(outcome.skipped)}'
           + ''.join(f'\n  skipped {s["name"]}: {s["reason"]}' for s in outcome.skipped[:10]))
     print(f'wrote {json_path} and {grid_path}')

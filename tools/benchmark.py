@@ -8,8 +8,10 @@ Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default out: ``bench
 * ``ceiling``: large-matmul FLOP/s of fp32 and bf16 measured in alternating rounds (``fp32_gflops``,
   ``bf16_gflops``; ``matmul_flops_per_s`` is the fp32 rate), ResNet-18 forward FLOPs per image, FLOP-bound
   training images/s;
-* ``pretext.<task>``: images/s of our training step for the five tasks (data loading, augmentation, hooks and
-  the optimiser included) in the default precision (``amp=auto``: whatever this machine resolves), and of the
+* ``pretext.<task>``: images/s of our training step for every registered task on ResNet-18 (a task that needs
+  patch tokens, iBOT, on the ViT below; ``pretext.<task>@vit-tiny`` for DINO also measures it on that ViT: DeiT-tiny
+  with an 8 x 8 patch grid at the benchmark's image size; each entry names its ``backbone``) (data loading,
+  augmentation, hooks and the optimiser included) in the default precision (``amp=auto``: whatever this machine resolves), and of the
   same step in fp32 (``fp32_images_per_s``, ``amp=none``) and bf16 (``bf16_images_per_s``), measured in
   alternating blocks; ``speedup_vs_fp32`` (default / fp32), ``bf16_speedup_vs_fp32``; FLOPs per image actually
   processed, fraction of the ceiling of the dtype the default step uses (``ceiling_dtype``), the bf16 step's
@@ -53,6 +55,26 @@ SECTIONS = ('ceiling', 'pretext', 'downstream', 'kmeans', 'sweep', 'lr_search_fr
 SWEEP_PREFERENCE = ('rotation', 'moco', 'swav', 'odc', 'relloc')
 #: fallback tasks for the LR-search measurement, cheapest default stage first (FLOPs per epoch)
 LR_PREFERENCE = ('moco', 'odc', 'relloc', 'swav', 'rotation')
+
+#: tasks measured on the vision transformer as well (their ResNet-18 step stays under pretext.<task>)
+VIT_TASKS = ('dino',)
+VIT_SUFFIX = '@vit-tiny'
+
+
+def vit_backbone(image_size: int) -> dict:
+    """The benchmark's vision transformer: mmpretrain's DeiT-tiny at ``image_size`` px with an 8 x 8 patch grid."""
+    return dict(type='VisionTransformer', arch='deit-tiny', img_size=int(image_size),
+                patch_size=max(1, int(image_size) // 8))
+
+
+def pretext_entries(task: str, image_size: int) -> list[tuple[str, dict | None]]:
+    """``(entry name, backbone config or None for ResNet-18)`` of one task's pretext measurements."""
+    from pretext_tasks.registry import TASKS
+
+    if getattr(TASKS.get(task), 'needs_patch_tokens', False):
+        return [(task, vit_backbone(image_size))]
+    return [(task, None)] + ([(f'{task}{VIT_SUFFIX}', vit_backbone(image_size))] if task in VIT_TASKS else [])
+
 
 #: steps: timed steps per block; rounds: alternating blocks per side (ours, fp32, bf16, the peers); profile /
 #: peer_profile: profiled steps of ours / of each peer
@@ -168,19 +190,21 @@ def measure_all(args, settings: dict, command: str) -> dict:
                       steps=settings['steps'], rounds=settings['rounds'], profile=settings['profile'])
         from curriculum.cli import task_names
 
-        for task in [t.strip() for t in (args.tasks or ','.join(task_names())).split(',') if t.strip()]:
-            def one(task=task):
+        tasks = [t.strip() for t in (args.tasks or ','.join(task_names())).split(',') if t.strip()]
+        for task, entry, backbone in [(t, *e) for t in tasks for e in pretext_entries(t, settings['image_size'])]:
+            def one(task=task, entry=entry, backbone=backbone):
                 nonlocal png_dir
                 entry_meta = meta()
                 peers = {}
-                if task in PEER_TASKS:
+                if task in PEER_TASKS and backbone is None:
                     if png_dir is None:
                         png_dir = peer_png_folder(images)
                     peers = {'peer': peer_factory(task, png_dir, settings['batch_size'], device),
                              'lightly': lightly_factory(task, images, settings['batch_size'], device)}
                 ours, peer_results, peer_errors = speed.measure_task(task, images, rates, peers=peers,
-                                                                     peer_profile=settings['peer_profile'], **common)
-                out['pretext'][task] = {**ours, 'meta': entry_meta}
+                                                                     peer_profile=settings['peer_profile'],
+                                                                     backbone_cfg=backbone, **common)
+                out['pretext'][entry] = {**ours, 'meta': entry_meta}
                 for name, error in peer_errors.items():
                     key = f'{"peer" if name == "peer" else "peer_lightly"}.{task}'
                     errors[key] = error
@@ -193,7 +217,7 @@ def measure_all(args, settings: dict, command: str) -> dict:
                     lightly = peer_results['lightly']
                     out['peer_lightly'][task] = {**lightly, 'meta': entry_meta}
                     out['ratio_lightly'][task] = {**peer_ratio(ours, lightly, 'lightly'), 'meta': entry_meta}
-            run_section(f'pretext.{task}', out, errors, one)
+            run_section(f'pretext.{entry}', out, errors, one)
         if png_dir:
             import shutil
             shutil.rmtree(png_dir, ignore_errors=True)

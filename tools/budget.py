@@ -20,8 +20,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from curriculum.cli import report_header, study_parser, study_setup, task_names  # noqa: E402
 
 
+def default_tasks() -> list[str]:
+    """Every registered task that runs on the default backbone: a task that reads a vision transformer's patch
+    tokens (ibot) is curved only when named in --tasks, with a ViT backbone."""
+    from pretext_tasks.registry import TASKS
+
+    return [task for task in task_names() if not getattr(TASKS[task], 'needs_patch_tokens', False)]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = study_parser(__doc__.split('\n\n')[0], 'budget', tasks=','.join(task_names()), seeds='0',
+    parser = study_parser(__doc__.split('\n\n')[0], 'budget', tasks=','.join(default_tasks()), seeds='0',
                           seeds_help='comma-separated seeds')
     return parser.parse_args(argv)
 
@@ -37,6 +45,10 @@ def main(argv=None) -> int:
                             defaults={'lr_search.trials': 0})
         plans = {(task, seed): build_plan(task, load_config(args.config, {**study.options, 'seed': seed}))
                  for seed in study.seeds for task in study.tasks}
+        from curriculum.preflight import check_backbone
+
+        for plan in plans.values():   # every task can use the backbone, before any compute
+            check_backbone(plan)
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
     from curriculum import budget
@@ -58,7 +70,8 @@ def main(argv=None) -> int:
         'precision': precision,
         'settings': study.settings(k=config['monitor'].get('k', 20),
                                    max_images=config['monitor'].get('max_images', 1000),
-                                   lr_trials=config['lr_search'].get('trials', 0)),
+                                   lr_trials=config['lr_search'].get('trials', 0),
+                                   backbone=dict(config['backbone'])),
         'curves': {task: {str(seed): curve for seed, curve in by_seed.items()} for task, by_seed in curves.items()},
         'summary': budget.summarise(curves),
     }

@@ -190,10 +190,11 @@ def main(argv=None) -> int:
         else:
             jobs = build_jobs(args)
             settings = sweep_settings(args)
+            from curriculum.preflight import check_backbone
             from curriculum.sweep_tasks import job_plan
 
-            for job in jobs:  # validate every plan before any compute
-                job_plan(settings, job)
+            for job in jobs:  # validate every plan (and what its backbone gives its tasks) before any compute
+                check_backbone(job_plan(settings, job))
             code = run_sweep(args, jobs, settings)
             if code:
                 return code

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
             for seed in study.seeds:
                 plans[task, lr_check.SEARCHED, seed] = build_plan(task, load_config(args.config,
                                                                                     {**options, 'seed': seed}))
+        from curriculum.preflight import check_backbone
+
+        for plan in plans.values():   # every task can use the backbone, before any compute
+            check_backbone(plan)
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
     runs: dict = {}

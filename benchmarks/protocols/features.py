@@ -2,7 +2,8 @@
 
 :func:`to_model_input` turns a batch of ``(N, H, W, C)`` uint8 images into normalised ``(N, 3, H, W)`` floats
 (ImageNet mean/std, grayscale repeated to three channels). :func:`extract_features` runs an mmpretrain-style
-backbone (forward returns a tuple of feature maps) and global-average-pools the last map. The backbone is left as
+backbone (forward returns a tuple of outputs) and pools the last one (:mod:`benchmarks.backbones`: a ResNet's map
+averaged over space, a vision transformer's class token as it is). The backbone is left as
 found: its training flag and device are restored afterwards.
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones import pool_output
 from ..pixels import normalize, to_unit_float
+
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """``(N, H, W, C)`` uint8 (C = 1 or 3) → ``(N, 3, H, W)`` float32, scaled to [0, 1] and ImageNet-normalised
@@ -23,15 +26,9 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``backbone`` on model input ``x`` and global-average-pool its last output to ``(N, D)``."""
-    out = backbone(x)
-    if isinstance(out, (tuple, list)):
-        out = out[-1]
-    if out.ndim == 4:
-        out = out.mean(dim=(2, 3))
-    elif out.ndim == 3:  # token sequences (N, L, D)
-        out = out.mean(dim=1)
-    return out.flatten(1)
+    """Run ``backbone`` on model input ``x`` and pool its last output to ``(N, D)`` (:func:`..backbones.pool_output`:
+    maps averaged over space, token sequences over tokens, a ViT's class token kept)."""
+    return pool_output(backbone(x)).flatten(1)
 
 
 @contextlib.contextmanager

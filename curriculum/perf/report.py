@@ -88,6 +88,8 @@ def pretext_lines(out: dict) -> list[str]:
              'augmentation share | CPU use |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for task, e in out['pretext'].items():
         p = e.get('profile') or {}
+        backbone = e.get('backbone')
+        task = task if not backbone or backbone == 'ResNet-18' else f'{task} ({backbone})'
         lines.append(_row(task, e.get('precision', '-'), fixed(e['images_per_s']), fixed(e['seconds_per_step']),
                           scaled(e['flops_per_image_step'], 1e9, 2), scaled(e['achieved_flops_per_s']),
                           e.get('ceiling_dtype', 'fp32'), percent(e['fraction_of_ceiling']),

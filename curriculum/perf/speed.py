@@ -249,7 +249,7 @@ class OurTraining:
     """One task set up exactly as a stage trains it, stepped by hand (see the module docstring)."""
 
     def __init__(self, task_name: str, images: np.ndarray, device: str = 'cpu', batch_size: int = BATCH_SIZE,
-                 seed: int = 0, amp: str = 'auto', work_dir: str | None = None):
+                 seed: int = 0, amp: str = 'auto', work_dir: str | None = None, backbone_cfg: dict | None = None):
         from curriculum.precision import resolve_precision
         from curriculum.stage import StageInputs, _loader, _optim_wrapper, build_stage_task, stage_groups
         from mmengine.optim import build_optim_wrapper
@@ -260,8 +260,9 @@ class OurTraining:
         image_size = int(images.shape[1])
         # a task that draws on group ids is timed with every image its own group (its partner is itself: the
         # batch carries the same partner images whichever image each one is)
+        self.backbone_cfg = dict(backbone_cfg or DEFAULT_BACKBONE)
         inputs = StageInputs(train_images=images, val_images=images[:batch_size], image_size=image_size,
-                             backbone_cfg=dict(DEFAULT_BACKBONE), seed=seed, device=device,
+                             backbone_cfg=dict(self.backbone_cfg), seed=seed, device=device,
                              precision=resolve_precision(amp, device), train_groups=np.arange(len(images)))
         self.precision = inputs.precision
         self.channels_last = inputs.precision.channels_last
@@ -397,6 +398,17 @@ def add_profile(result: dict, profiled: dict | None, flops_per_step: float, matm
 PRECISION_VARIANTS = (('fp32', 'none'), ('bf16', 'bf16'))
 
 
+def backbone_label(cfg: dict) -> str:
+    """A short name of a backbone config: ``ResNet-18``, ``VisionTransformer deit-tiny/4`` (arch / patch size)."""
+    name = str(cfg.get('type', 'backbone'))
+    if 'depth' in cfg:
+        return f'{name}-{cfg["depth"]}'
+    arch = cfg.get('arch')
+    arch = arch if isinstance(arch, str) else 'custom' if arch else None
+    patch = cfg.get('patch_size')
+    return ' '.join(part for part in (name, f'{arch}/{patch}' if arch and patch else arch) if part)
+
+
 def precision_fields(precision) -> dict:
     """What a result records of a :class:`curriculum.precision.Precision`."""
     return {'precision': precision.used, 'precision_requested': precision.requested,
@@ -419,6 +431,7 @@ def our_result(training: OurTraining, flops_per_step: float, wall: float, cpu: f
         'ceiling_dtype': dtype,
         'ceiling_flops_per_s': rate,
         'recipe': training.recipe_source,
+        'backbone': backbone_label(training.backbone_cfg),
         'optimizer': dict(training.cfg['optimizer']),
         'lr': float(training.cfg['lr']),
         'hooks': [type(h).__name__ for h in training.driver.hooks],
@@ -485,7 +498,8 @@ def _worker_cpu(side) -> float:
 def measure_task(task_name: str, images: np.ndarray, matmul_flops_per_s: float | dict, device: str = 'cpu',
                  batch_size: int = BATCH_SIZE, warmup: int = 2, steps: int = 2, rounds: int = 2, profile: int = 1,
                  seed: int = 0, amp: str = 'auto', variants=PRECISION_VARIANTS,
-                 peers: dict | None = None, peer_profile: int | None = None) -> tuple[dict, dict, dict]:
+                 peers: dict | None = None, peer_profile: int | None = None,
+                 backbone_cfg: dict | None = None) -> tuple[dict, dict, dict]:
     """Our training step for one task (precision ``amp``), the same step in each precision variant (``(name,
     amp)`` pairs, default fp32 = ``amp='none'`` and bf16) and peers built from it, measured side by side: after
     the warm-up, :func:`alternating_blocks` of ``steps`` steps (ours, the variants, the peers, in that order).
@@ -502,15 +516,17 @@ def measure_task(task_name: str, images: np.ndarray, matmul_flops_per_s: float |
     they share ours. Returns ``(ours, peers, errors)``: ``ours`` is :func:`our_result` plus ``round_images_per_s``
     and, per variant, ``<name>_images_per_s``, ``precision_variants[<name>]``; with an fp32 variant
     ``speedup_vs_fp32`` (ours / fp32) and ``<name>_speedup_vs_fp32``; with a bf16 variant
-    ``fraction_of_ceiling_bf16_step`` (the bf16 step against the bf16 matmul rate)."""
+    ``fraction_of_ceiling_bf16_step`` (the bf16 step against the bf16 matmul rate). ``backbone_cfg``: the backbone
+    of every side of ours (default ResNet-18)."""
     warmup = max(1, warmup)
-    ours = OurTraining(task_name, images, device, batch_size, seed, amp)
+    ours = OurTraining(task_name, images, device, batch_size, seed, amp, backbone_cfg=backbone_cfg)
     variant_runs: dict[str, OurTraining] = {}
     peer_runs: dict = {}
     errors: dict[str, str] = {}
     try:
         for name, requested in variants:
-            variant_runs[name] = OurTraining(task_name, images, device, batch_size, seed, requested)
+            variant_runs[name] = OurTraining(task_name, images, device, batch_size, seed, requested,
+                                             backbone_cfg=backbone_cfg)
         for name, factory in (peers or {}).items():
             started = time.perf_counter()
             try:
