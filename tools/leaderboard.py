@@ -5,9 +5,12 @@
         [--baselines none[,PATH]] [--seeds 0,1,2] [run_curriculum flags ...]
     python tools/leaderboard.py --orders odc moco odc,moco relloc,odc,moco [--seeds 0,1,2] [run_curriculum flags ...]
     python tools/leaderboard.py --from-results [--results URL|FILE.jsonl] [--out DIR]
+    ... [--fuse-top K [--fuse-protocol linear]]
 
 Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. Sweeps reuse the stage cache
 (a stage is run once per distinct prefix) and the results store (a finished ordering is not run again).
+``--fuse-top K`` adds to each board of ``--fuse-protocol`` a row fusing the final backbones of its K best orderings
+(chosen on val) with protocol dvme, one fused run per seed (:mod:`curriculum.fuse_top`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--baselines', default='none', help='none and/or local weight files (comma-separated)')
     parser.add_argument('--seeds', default='0', help='comma-separated seeds')
     parser.add_argument('--from-results', action='store_true', help='only render from the results store')
+    parser.add_argument('--fuse-top', type=int, default=None, metavar='K',
+                        help='add a row fusing the K best orderings (chosen on val) with protocol dvme')
+    parser.add_argument('--fuse-protocol', default='linear',
+                        help='the board that gets the fused row and whose val headline chooses the orderings')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--heartbeat', type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument('--grace', type=int, default=60, help=argparse.SUPPRESS)
@@ -110,6 +117,40 @@ def run_job(args, job: dict, results_url: str) -> dict:
                           optuna_storage=args.optuna_storage, progress=None)
 
 
+def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
+    """``--fuse-top K``: on every board of ``--fuse-protocol``, the row fusing its K best orderings (fused runs
+    made here when the results store does not hold them yet)."""
+    from curriculum.errors import PlanError
+    from curriculum.fuse_top import add_fused_row, fused_jobs, stored_fused_run
+    from curriculum.leaderboard import comparison_key
+    from curriculum.plan import build_plan
+    from curriculum.results import is_jsonl, load_runs
+    from curriculum.run import run_curriculum
+
+    if args.fuse_top < 1:
+        raise PlanError(f'--fuse-top must be at least 1, got {args.fuse_top}')
+    targets = [board for board in boards if board.protocol == args.fuse_protocol]
+    if not targets:
+        raise PlanError(f'--fuse-top: no results of protocol {args.fuse_protocol!r} (--fuse-protocol)')
+    planned = []
+    for board in targets:   # every fused run is planned (and its backbones found) before any is run
+        group = [run for run in base if comparison_key(run) == board.key]
+        labels, jobs = fused_jobs(group, args.fuse_protocol, args.fuse_top, args.work_root)
+        planned.append((board, labels, [(job, build_plan(job['order'], job['config'])) for job in jobs]))
+    for board, labels, jobs in planned:
+        fused = []
+        for job, plan in jobs:
+            stored = stored_fused_run(job, load_runs(results_url))
+            if stored is None:
+                if is_jsonl(results_url):
+                    raise PlanError(f'--fuse-top: {results_url} is a JSON Lines export; fused runs need a results '
+                                    f'store (--results URL) to be recorded in')
+                stored = run_curriculum(plan, job['work_dir'], args.work_root, results_url, init_path=job['init'],
+                                        optuna_storage=args.optuna_storage, progress=None)
+            fused.append(stored)
+        add_fused_row(board, labels, fused, args.fuse_protocol)
+
+
 def work(args, queue_name: str, storage_url: str, results_url: str) -> int:
     """Worker loop: take jobs from the shared queue until the sweep is complete."""
     from curriculum.sweep import Heartbeat, SweepQueue, open_storage
@@ -151,6 +192,7 @@ def main(argv=None) -> int:
         os.environ['CUDA_VISIBLE_DEVICES'] = ''
     from curriculum.cli import fail
     from curriculum.errors import USER_ERRORS, PlanError
+    from curriculum.leaderboard import build_leaderboards, is_fused
     from curriculum.results import default_results_url, load_runs
 
     results_url = args.results or default_results_url(args.work_root)
@@ -190,15 +232,18 @@ def main(argv=None) -> int:
                 return 0
             wanted = {(job['order'], job['seed'], job['init']) for job in jobs}
             results = [r for r in load_runs(results_url)
-                       if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted]
+                       if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted and not is_fused(r)]
             counts = stage_counts(results, jobs)
+        if not results:
+            raise PlanError(f'no results in {results_url}')
+        base = [r for r in results if not is_fused(r)] if args.fuse_top is not None else results
+        boards = build_leaderboards(base, counts)
+        if args.fuse_top is not None:
+            add_fused_rows(args, boards, base, results_url)
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
-    from curriculum.leaderboard import build_leaderboards, render_markdown, write_outputs
+    from curriculum.leaderboard import render_markdown, write_outputs
 
-    if not results:
-        return fail(PlanError(f'no results in {results_url}'))
-    boards = build_leaderboards(results, counts)
     paths = write_outputs(boards, out_dir)
     print(render_markdown(boards))
     print(f'written: {", ".join(paths.values())}')
