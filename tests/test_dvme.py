@@ -129,3 +129,49 @@ def test_fuse_run_and_stage_folders_end_to_end(tmp_path, capsys):
     assert len(stored) == 1
     board, = [b for b in build_leaderboards(stored) if b.protocol == 'dvme']
     assert [row.label for row in board.rows] == [f'dvme[none + none #2 + {os.path.basename(stage)}]']
+
+
+def fake_run(order, seed, val, test):
+    metrics = {'balanced_accuracy': test, 'headline': 'balanced_accuracy', 'val': {'balanced_accuracy': val}}
+    return {'order': list(order), 'seed': seed, 'init': None, 'config': {'seed': seed}, 'stages': [],
+            'downstream': {'linear': metrics}}
+
+
+def test_fuse_top_chooses_on_val_never_on_test():
+    from curriculum.errors import PlanError
+    from curriculum.fuse_top import top_orderings
+
+    runs = []
+    for seed in (0, 1):
+        runs += [fake_run(['a'], seed, 0.50, 0.90), fake_run(['b'], seed, 0.70, 0.40),
+                 fake_run(['c'], seed, 0.60, 0.50), fake_run(['a', 'b'], seed, 0.65, 0.95),
+                 fake_run([], seed, 0.99, 0.99)]                    # the baseline is never fused
+    assert top_orderings(runs, 'linear', 3) == ['b', 'a,b', 'c']
+    with pytest.raises(PlanError, match='only 4 pretrained ordering'):
+        top_orderings(runs, 'linear', 5)
+
+
+def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path):
+    """A sweep of two one-epoch orderings with --fuse-top 2: one fused run per seed (its stages from the cache),
+    a dvme row on the knn board with its footer line; asking again reuses the stored fused run."""
+    from curriculum.results import default_results_url, load_runs
+
+    root = tmp_path / 'root'
+    args = ['--orders', 'rotation', 'moco', '--seeds', '0', '--work-root', str(root), '--image-size', '32',
+            '--epochs', '1', '--lr-trials', '0', '--protocols', 'knn', '--quiet', '--fuse-top', '2',
+            '--fuse-protocol', 'knn', '--cfg-options', 'dataset_options.num_images=360',
+            'tasks.rotation.batch_size=32', 'tasks.moco.batch_size=32', 'monitor.knn=false',
+            'evaluation.epochs.dvme=60']
+    tool = load_tool('leaderboard')
+    assert tool.main(args) == 0
+    markdown = (root / 'leaderboard' / 'leaderboard.md').read_text()
+    fused_runs = [run for run in load_runs(default_results_url(str(root))) if 'dvme' in run['downstream']]
+    assert len(fused_runs) == 1
+    fused = fused_runs[0]
+    assert all(stage['cache_hit'] for stage in fused['stages'])
+    label = f'dvme[{" + ".join(fused["downstream"]["dvme"]["sources"])}]'
+    assert sorted(fused['downstream']['dvme']['sources']) == ['moco', 'rotation']
+    assert f'| {label} | - |' in markdown and f'{label}: the 2 orderings with the highest mean val' in markdown
+    assert '### synthetic_derm → synthetic_derm · dvme' not in markdown      # a row of the knn board, not a board
+    assert tool.main(['--from-results', '--work-root', str(root), '--fuse-top', '2', '--fuse-protocol', 'knn']) == 0
+    assert len([run for run in load_runs(default_results_url(str(root))) if 'dvme' in run['downstream']]) == 1
