@@ -232,3 +232,27 @@ def test_uda_through_the_run_tool(tmp_path, capsys):
     stored, = load_runs(default_results_url(str(root)))
     board, = build_leaderboards([stored])
     assert board.protocol == 'uda' and [row.label for row in board.rows] == ['none']
+
+
+def test_uda_table_over_methods_and_seeds_resumes_from_the_store(tmp_path, capsys):
+    npz = write_medmnist(str(tmp_path / 'pneumoniamnist.npz'), sizes=(40, 8, 20))
+    config = tmp_path / 'uda.yaml'
+    config.write_text('dataset: synthetic_cxr\nimage_size: 16\nevaluation:\n  protocols: [uda]\n  uda:\n'
+                      f'    target: medmnist\n    target_root: {npz}\n    class_map: {{opacity: pneumonia}}\n')
+    args = ['--config', str(config), '--order', 'none', '--seeds', '0,1', '--methods', 'source_only,dcan',
+            '--work-root', str(tmp_path / 'root'), '--out', str(tmp_path / 'out'), '--quiet',
+            '--cfg-options', 'dataset_options.num_images=240', 'evaluation.uda.steps=3']
+    tool = load_tool('uda_table')
+    assert tool.main(args) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.count('[uda] none') == 4
+    report = json.loads((tmp_path / 'out' / 'uda.json').read_text())
+    assert list(report['methods']) == ['source_only', 'dcan']
+    for entry in report['methods'].values():
+        assert entry['seeds'] == [0, 1] and len(entry['balanced_accuracy']) == 3
+        mean = entry['balanced_accuracy'][0]
+        assert mean == pytest.approx(np.mean([row['balanced_accuracy'] for row in entry['per_seed']]))
+    assert report['settings']['class_map'] == {'normal': 'normal', 'opacity': 'pneumonia'}
+    markdown = (tmp_path / 'out' / 'uda.md').read_text()
+    assert '| no alignment (source only) |' in markdown and '| DCAN |' in markdown
+    assert tool.main(args) == 0                           # every run is in the results store: nothing runs again
+    assert '[uda]' not in capsys.readouterr().out
