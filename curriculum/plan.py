@@ -240,7 +240,7 @@ def validate_uda(evaluation: dict, protocols: list[str]) -> None:
     """``evaluation.uda``: the target (``--target``) given exactly when protocol uda is requested, and the
     protocol's options (method, selection, class_map, positive numbers)."""
     from benchmarks.protocols.adaptation import METHODS
-    from benchmarks.protocols.uda import SELECTIONS
+    from benchmarks.protocols.uda import OPTIMIZERS, SELECTIONS
 
     uda = evaluation.get('uda') or {}
     if not isinstance(uda, dict):
@@ -254,6 +254,9 @@ def validate_uda(evaluation: dict, protocols: list[str]) -> None:
                         f'not requested: add uda to --protocols')
     if uda.get('method', 'dcan') not in METHODS:
         raise PlanError(f'evaluation.uda.method must be one of {", ".join(METHODS)}, got {uda.get("method")!r}')
+    if uda.get('optimizer', 'adamw') not in OPTIMIZERS:
+        raise PlanError(f'evaluation.uda.optimizer must be one of {", ".join(OPTIMIZERS)}, got '
+                        f'{uda.get("optimizer")!r}')
     if uda.get('selection', 'last') not in SELECTIONS:
         raise PlanError(f'evaluation.uda.selection must be one of {", ".join(SELECTIONS)}, got '
                         f'{uda.get("selection")!r}')

@@ -23,8 +23,10 @@ validation split (``selection: source_val``). The result's ``val`` holds source-
 
 Recipe (for every method alike, so only the adaptation differs): both domains' batches are augmented as in
 fine-tuning (random resized crop, horizontal flip), source and target batches of ``batch_size`` each go through the
-backbone together, SGD with Nesterov momentum 0.9, weight decay 5e-4, learning rate annealed as in DANN,
-``lr / (1 + 10 p)^0.75`` (p: progress 0 → 1), the backbone at ``lr × backbone_lr_mult``; every adaptation loss is
+backbone together; the optimiser is the fine-tuning protocol's (AdamW, lr 1e-3, weight decay 0.05; ``optimizer:
+sgd`` gives the papers' SGD, lr 0.01, Nesterov momentum 0.9, weight decay 5e-4, made for ImageNet ResNet-50s), its
+learning rate annealed as in DANN, ``lr / (1 + 10 p)^0.75`` (p: progress 0 → 1), the backbone at
+``lr × backbone_lr_mult``; every adaptation loss is
 weighted by DANN's ramp ``2 / (1 + exp(-10 p)) - 1`` (also the gradient reversal coefficient), so the source
 classifier forms before the alignment pushes. The budget is ``steps`` optimiser steps, or ``epochs`` passes over the
 matched source training images (default 20). Every draw comes from generators seeded with ``seed``; the caller's
@@ -49,7 +51,9 @@ from .linear import balanced_loss, labels_tensor, scores_from_logits
 DEFAULT_EPOCHS = 20
 SELECTIONS = ('last', 'source_val')
 #: options of the protocol (``evaluation.uda.<name>``) and their defaults
-OPTIONS = {'method': 'dcan', 'class_map': None, 'steps': None, 'lr': 0.01, 'backbone_lr_mult': 1.0,
+OPTIMIZERS = ('adamw', 'sgd')
+OPTIONS = {'method': 'dcan', 'class_map': None, 'steps': None, 'optimizer': 'adamw', 'lr': None,
+           'backbone_lr_mult': 1.0,
            'selection': 'last', 'eval_every': None, 'mmd_weight': 1.0, 'entropy_weight': 0.1, 'domain_weight': 1.0,
            'bottleneck': 256}
 
@@ -108,9 +112,31 @@ def predict(network: AdaptationNetwork, images_uint8, indices, domain: str, devi
     return scores_from_logits(torch.cat(chunks), False)
 
 
+def make_optimizer(network: AdaptationNetwork, kind: str, lr: float | None, backbone_lr_mult: float):
+    """AdamW (lr 1e-3, weight decay 0.05: the fine-tuning protocol's) or SGD (lr 0.01, Nesterov momentum 0.9,
+    weight decay 5e-4: the DANN / DCAN papers'); no decay on norms and biases; the backbone's groups at
+    ``lr × backbone_lr_mult``."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f'optimizer must be one of {", ".join(OPTIMIZERS)}, got {kind!r}')
+    lr = (1e-3 if kind == 'adamw' else 1e-2) if lr is None else float(lr)
+    decay = 0.05 if kind == 'adamw' else 5e-4
+    backbone_ids = {id(p) for p in network.backbone.parameters()}
+    groups = {}
+    for param in network.parameters():
+        part = 'backbone' if id(param) in backbone_ids else 'head'
+        key = (part, param.ndim <= 1)
+        groups.setdefault(key, []).append(param)
+    param_groups = [{'params': params, 'lr': lr * (backbone_lr_mult if part == 'backbone' else 1.0),
+                     'weight_decay': 0.0 if no_decay else decay} for (part, no_decay), params in groups.items()]
+    if kind == 'adamw':
+        return torch.optim.AdamW(param_groups, lr=lr)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
+
+
 def adapt(backbone: nn.Module, source_images, source_labels: np.ndarray, source_val: np.ndarray,
           source_val_labels: np.ndarray, target_images, num_classes: int, *, method: str = 'dcan',
-          steps: int, batch_size: int = 64, lr: float = 0.01, backbone_lr_mult: float = 1.0,
+          steps: int, batch_size: int = 64, optimizer: str = 'adamw', lr: float | None = None,
+          backbone_lr_mult: float = 1.0,
           selection: str = 'last', eval_every: int | None = None, mmd_weight: float = 1.0,
           entropy_weight: float = 0.1, domain_weight: float = 1.0, bottleneck: int = 256, seed: int = 0,
           device: torch.device | str = 'cpu') -> tuple[AdaptationNetwork, dict]:
@@ -136,12 +162,7 @@ def adapt(backbone: nn.Module, source_images, source_labels: np.ndarray, source_
         network_backbone.requires_grad_(True)
         network = AdaptationNetwork(network_backbone, feature_dim(network_backbone, channels, image_size),
                                     num_classes, method, bottleneck).to(device)
-        backbone_params = list(network.backbone.parameters())
-        backbone_ids = {id(p) for p in backbone_params}
-        head_params = [p for p in network.parameters() if id(p) not in backbone_ids]
-        optimizer = torch.optim.SGD([{'params': backbone_params, 'lr': lr * backbone_lr_mult},
-                                     {'params': head_params, 'lr': lr}], lr=lr, momentum=0.9, nesterov=True,
-                                    weight_decay=5e-4)
+        optimizer = make_optimizer(network, optimizer, lr, backbone_lr_mult)
         base_lrs = [group['lr'] for group in optimizer.param_groups]
         labels = labels_tensor(source_labels, False)
         loss_fn = balanced_loss(labels, num_classes, False, True, device)
@@ -237,7 +258,8 @@ def run(backbone: nn.Module, dataset, splits: Splits, *, device: torch.device | 
         steps = passes * max(1, math.ceil(len(train_idx) / batch_size))
     network, record = adapt(
         backbone, dataset.images[train_idx], train_y, dataset.images[val_idx], val_y, target_train, len(reached),
-        method=settings['method'], steps=int(steps), batch_size=batch_size, lr=float(settings['lr']),
+        method=settings['method'], steps=int(steps), batch_size=batch_size, optimizer=settings['optimizer'],
+        lr=None if settings['lr'] is None else float(settings['lr']),
         backbone_lr_mult=float(settings['backbone_lr_mult']), selection=settings['selection'],
         eval_every=settings['eval_every'], mmd_weight=float(settings['mmd_weight']),
         entropy_weight=float(settings['entropy_weight']), domain_weight=float(settings['domain_weight']),
