@@ -171,7 +171,7 @@ def fused_backbones(evaluation: dict, backbone_cfg: dict, seed: int) -> list:
 def uda_target(evaluation: dict, source, image_size: int, seed: int):
     """The target dataset of protocol uda (``evaluation.uda.target``, ``target_root``, ``target_options``) decoded
     at ``image_size``, or None when uda is not requested. Its split is drawn without its labels where the layout
-    publishes none, and its labels are not read here: only its class names are matched against the downstream
+    publishes none, and no decision here uses its labels: only its class names are matched against the downstream
     (source) classes. A PlanError when fewer than two classes match, or when the matched classes have fewer than
     two with labelled source training images."""
     if 'uda' not in (evaluation.get('protocols') or []):
