@@ -1,7 +1,7 @@
 """A leaderboard row fusing the K best orderings (``tools/leaderboard.py --fuse-top K``).
 
-Among the pretrained orderings of one board (comparable runs, one protocol), the K with the highest mean validation
-headline over seeds are chosen (never on test). For every seed that all K were run with, one run fuses their final
+Among the pretrained orderings of one board (comparable runs, one protocol; at most ``--fuse-max-len`` tasks long
+when given), the K with the highest mean validation headline over seeds are chosen (never on test). For every seed that all K were run with, one run fuses their final
 backbones with protocol dvme: the best ordering is run again (its stages come from the cache) with
 ``evaluation.protocols: [dvme]`` and ``evaluation.fuse`` naming the other K-1 runs (their sweep folders, or their
 last stage folders when the sweep folder holds another run), in ``<work root>/sweeps/dvme[a + b + c]/seed<N>``. A
@@ -23,14 +23,17 @@ from .leaderboard import METRICS, Leaderboard, Row, comparison_key, fused_label,
 from .study_cells import board_cells
 
 
-def top_orderings(runs: list[dict], protocol: str, k: int) -> list[str]:
-    """The labels of the ``k`` pretrained orderings (no baseline, no init) of ``runs`` with the highest mean
-    validation headline under ``protocol``, best first; a PlanError when there are fewer."""
+def top_orderings(runs: list[dict], protocol: str, k: int, max_len: int | None = None) -> list[str]:
+    """The labels of the ``k`` pretrained orderings (no baseline, no init; at most ``max_len`` tasks long when
+    given) of ``runs`` with the highest mean validation headline under ``protocol``, best first; a PlanError when
+    there are fewer."""
     _, cells = board_cells(runs, protocol)
-    candidates = [cell for cell in cells.values() if not cell.baseline]
+    candidates = [cell for cell in cells.values()
+                  if not cell.baseline and (max_len is None or len(cell.order) <= max_len)]
     if len(candidates) < k:
-        raise PlanError(f'--fuse-top {k}: only {len(candidates)} pretrained ordering(s) were evaluated with '
-                        f'{protocol}')
+        longest = '' if max_len is None else f' of at most {max_len} task(s)'
+        raise PlanError(f'--fuse-top {k}: only {len(candidates)} pretrained ordering(s){longest} were evaluated '
+                        f'with {protocol}')
     ranked = sorted(candidates, key=lambda cell: (-nan_low(cell.val_mean()), cell.label))
     return [cell.label for cell in ranked[:k]]
 
@@ -47,13 +50,15 @@ def run_folder(run: dict, work_root: str) -> str:
             return folder
     except (OSError, ValueError):
         pass
-    return os.path.dirname(final_backbone_file(run, run_label(run)))
+    return os.path.dirname(final_backbone_file(run, run_label(run), work_root))
 
 
-def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str) -> tuple[list[str], list[dict]]:
-    """The chosen labels and one job per seed they share: ``{'seed', 'order', 'init', 'config', 'work_dir'}``, the
-    config being the best ordering's stored one with protocol dvme fusing the others."""
-    labels = top_orderings(runs, protocol, k)
+def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len: int | None = None) \
+        -> tuple[list[str], list[dict]]:
+    """The chosen labels (:func:`top_orderings`) and one job per seed they share: ``{'seed', 'order', 'init',
+    'config', 'work_dir'}``, the config being the best ordering's stored one with protocol dvme fusing the
+    others."""
+    labels = top_orderings(runs, protocol, k, max_len)
     by_seed: dict[int, dict[str, dict]] = {}
     for run in runs:
         if (run.get('downstream') or {}).get(protocol):
@@ -65,7 +70,7 @@ def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str) -> tuple
             continue
         first = chosen[labels[0]]
         if first['stages']:
-            final_backbone_file(first, labels[0])   # the best ordering's stages must come from the cache
+            final_backbone_file(first, labels[0], work_root)   # its stages must come from the cache
         config = copy.deepcopy(first['config'])
         evaluation = config.setdefault('evaluation', {})
         evaluation['protocols'] = ['dvme']

@@ -58,15 +58,17 @@ def _read_result(path: str) -> dict:
     return result
 
 
-def final_backbone_file(result: dict, where: str) -> str:
+def final_backbone_file(result: dict, where: str, work_root: str | None = None) -> str:
     """The last stage's backbone file of a stored run: its recorded ``stage_dir``, else the stage cache under the
-    run's work root; a CheckpointError naming ``where`` when neither holds it."""
+    run's work root, else under ``work_root`` (a compact export keeps neither path); a CheckpointError naming
+    ``where`` when none holds it."""
     last = result['stages'][-1]
     candidates = []
     if last.get('stage_dir'):
         candidates.append(os.path.join(last['stage_dir'], BACKBONE_FILE))
-    if result.get('work_root') and last.get('task') and last.get('key'):
-        candidates.append(os.path.join(stage_dir(result['work_root'], last['task'], last['key']), BACKBONE_FILE))
+    for root in (result.get('work_root'), work_root):
+        if root and last.get('task') and last.get('key'):
+            candidates.append(os.path.join(stage_dir(root, last['task'], last['key']), BACKBONE_FILE))
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate

@@ -147,14 +147,17 @@ def test_fuse_top_chooses_on_val_never_on_test():
                  fake_run(['c'], seed, 0.60, 0.50), fake_run(['a', 'b'], seed, 0.65, 0.95),
                  fake_run([], seed, 0.99, 0.99)]                    # the baseline is never fused
     assert top_orderings(runs, 'linear', 3) == ['b', 'a,b', 'c']
+    assert top_orderings(runs, 'linear', 3, max_len=1) == ['b', 'c', 'a']
     with pytest.raises(PlanError, match='only 4 pretrained ordering'):
         top_orderings(runs, 'linear', 5)
+    with pytest.raises(PlanError, match=r'only 3 pretrained ordering\(s\) of at most 1 task'):
+        top_orderings(runs, 'linear', 4, max_len=1)
 
 
 def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path):
     """A sweep of two one-epoch orderings with --fuse-top 2: one fused run per seed (its stages from the cache),
     a dvme row on the knn board with its footer line; asking again reuses the stored fused run."""
-    from curriculum.results import default_results_url, load_runs
+    from curriculum.results import default_results_url, export_runs, load_runs
 
     root = tmp_path / 'root'
     args = ['--orders', 'rotation', 'moco', '--seeds', '0', '--work-root', str(root), '--image-size', '32',
@@ -175,3 +178,15 @@ def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path):
     assert '### synthetic_derm → synthetic_derm · dvme' not in markdown      # a row of the knn board, not a board
     assert tool.main(['--from-results', '--work-root', str(root), '--fuse-top', '2', '--fuse-protocol', 'knn']) == 0
     assert len([run for run in load_runs(default_results_url(str(root))) if 'dvme' in run['downstream']]) == 1
+    # from a compact export (no stage paths: the stage cache is found under --work-root), fused runs in a store of
+    # their own: the same row, made again there
+    export = tmp_path / 'export.jsonl'
+    export_runs([run for run in load_runs(default_results_url(str(root))) if 'dvme' not in run['downstream']],
+                str(export))
+    fused_store = f'sqlite:///{tmp_path / "fused" / "fused.db"}'
+    (tmp_path / 'fused').mkdir()
+    assert tool.main(['--from-results', '--results', str(export), '--work-root', str(root), '--fuse-top', '2',
+                      '--fuse-protocol', 'knn', '--fuse-results', fused_store, '--out', str(tmp_path / 'out')]) == 0
+    again, = load_runs(fused_store)
+    assert again['downstream']['dvme']['sources'] == fused['downstream']['dvme']['sources']
+    assert f'| {label} | - |' in (tmp_path / 'out' / 'leaderboard.md').read_text()

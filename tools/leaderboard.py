@@ -42,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='add a row fusing the K best orderings (chosen on val) with protocol dvme')
     parser.add_argument('--fuse-protocol', default='linear',
                         help='the board that gets the fused row and whose val headline chooses the orderings')
+    parser.add_argument('--fuse-max-len', type=int, default=None,
+                        help='fuse only orderings of at most this many tasks (1: the best single tasks)')
+    parser.add_argument('--fuse-results', default=None,
+                        help='results store of the fused runs (default: --results; a JSON Lines --results needs '
+                             'one)')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--heartbeat', type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument('--grace', type=int, default=60, help=argparse.SUPPRESS)
@@ -117,6 +122,19 @@ def run_job(args, job: dict, results_url: str) -> dict:
                           optuna_storage=args.optuna_storage, progress=None)
 
 
+def existing_runs(url: str) -> list[dict]:
+    """The runs a results store holds; none (and nothing created) for an SQLite file that does not exist yet."""
+    import sqlalchemy
+
+    from curriculum.results import is_jsonl, load_runs
+
+    if not is_jsonl(url):
+        parsed = sqlalchemy.engine.make_url(url)
+        if parsed.get_backend_name() == 'sqlite' and parsed.database and not os.path.exists(parsed.database):
+            return []
+    return load_runs(url)
+
+
 def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
     """``--fuse-top K``: on every board of ``--fuse-protocol``, the row fusing its K best orderings (fused runs
     made here when the results store does not hold them yet)."""
@@ -124,28 +142,38 @@ def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
     from curriculum.fuse_top import add_fused_row, fused_jobs, stored_fused_run
     from curriculum.leaderboard import comparison_key
     from curriculum.plan import build_plan
-    from curriculum.results import is_jsonl, load_runs
+    from curriculum.results import is_jsonl
     from curriculum.run import run_curriculum
 
     if args.fuse_top < 1:
         raise PlanError(f'--fuse-top must be at least 1, got {args.fuse_top}')
+    if args.fuse_max_len is not None and args.fuse_max_len < 1:
+        raise PlanError(f'--fuse-max-len must be at least 1, got {args.fuse_max_len}')
+    fused_url = args.fuse_results or results_url
     targets = [board for board in boards if board.protocol == args.fuse_protocol]
     if not targets:
         raise PlanError(f'--fuse-top: no results of protocol {args.fuse_protocol!r} (--fuse-protocol)')
-    planned = []
+    planned, skipped = [], []
     for board in targets:   # every fused run is planned (and its backbones found) before any is run
         group = [run for run in base if comparison_key(run) == board.key]
-        labels, jobs = fused_jobs(group, args.fuse_protocol, args.fuse_top, args.work_root)
+        try:
+            labels, jobs = fused_jobs(group, args.fuse_protocol, args.fuse_top, args.work_root, args.fuse_max_len)
+        except PlanError as exc:   # e.g. a board of an older config with fewer orderings: no row, said below it
+            skipped.append(exc)
+            board.notes.append(f'No fused row: {exc}.')
+            continue
         planned.append((board, labels, [(job, build_plan(job['order'], job['config'])) for job in jobs]))
+    if not planned:
+        raise skipped[0]
     for board, labels, jobs in planned:
         fused = []
         for job, plan in jobs:
-            stored = stored_fused_run(job, load_runs(results_url))
+            stored = stored_fused_run(job, existing_runs(fused_url))
             if stored is None:
-                if is_jsonl(results_url):
-                    raise PlanError(f'--fuse-top: {results_url} is a JSON Lines export; fused runs need a results '
-                                    f'store (--results URL) to be recorded in')
-                stored = run_curriculum(plan, job['work_dir'], args.work_root, results_url, init_path=job['init'],
+                if is_jsonl(fused_url):
+                    raise PlanError(f'--fuse-top: {fused_url} is a JSON Lines export; fused runs need a results '
+                                    f'store to be recorded in (--fuse-results URL)')
+                stored = run_curriculum(plan, job['work_dir'], args.work_root, fused_url, init_path=job['init'],
                                         optuna_storage=args.optuna_storage, progress=None)
             fused.append(stored)
         add_fused_row(board, labels, fused, args.fuse_protocol)
