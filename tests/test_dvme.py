@@ -154,7 +154,7 @@ def test_fuse_top_chooses_on_val_never_on_test():
         top_orderings(runs, 'linear', 4, max_len=1)
 
 
-def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path):
+def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path, capsys):
     """A sweep of two one-epoch orderings with --fuse-top 2: one fused run per seed (its stages from the cache),
     a dvme row on the knn board with its footer line; asking again reuses the stored fused run."""
     from curriculum.results import default_results_url, export_runs, load_runs
@@ -187,6 +187,13 @@ def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path):
     (tmp_path / 'fused').mkdir()
     assert tool.main(['--from-results', '--results', str(export), '--work-root', str(root), '--fuse-top', '2',
                       '--fuse-protocol', 'knn', '--fuse-results', fused_store, '--out', str(tmp_path / 'out')]) == 0
+    for bad, fragment in ((['--fuse-top', '3'], 'only 2 pretrained ordering(s) were evaluated with knn'),
+                          (['--fuse-top', '0'], '--fuse-top must be at least 1'),
+                          (['--fuse-top', '2', '--fuse-protocol', 'finetune'], "no results of protocol 'finetune'")):
+        capsys.readouterr()
+        assert tool.main(['--from-results', '--work-root', str(root), '--fuse-protocol', 'knn', *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
     again, = load_runs(fused_store)
     assert again['downstream']['dvme']['sources'] == fused['downstream']['dvme']['sources']
     assert f'| {label} | - |' in (tmp_path / 'out' / 'leaderboard.md').read_text()
