@@ -278,7 +278,7 @@ def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None)
                           device=ctx.device, epochs=ctx.evaluation.get('epochs'),
                           batch_size=int(ctx.evaluation.get('batch_size', 64)), options=options or None)
     if 'dvme' in downstream:
-        downstream['dvme']['fused_runs'] = [source.describe() for source, _ in ctx.fused]
+        downstream['dvme']['fused_runs'] = [source.describe() for source, _ in getattr(ctx, 'fused', [])]
     finetuned = (downstream.get('finetune') or {}).pop('model', None)
     for metrics in downstream.values():
         metrics.pop('model', None)
@@ -292,15 +292,15 @@ def protocol_inputs(ctx: RunContext) -> dict:
     from .leaderboard import run_label
 
     options = {}
-    if ctx.fused:
-        sources = [(source.name, apply_precision(module, module, ctx.inputs.precision))
-                   for source, module in ctx.fused]
+    fused, target = getattr(ctx, 'fused', None), getattr(ctx, 'target', None)   # a partial context: neither
+    if fused:
+        sources = [(source.name, apply_precision(module, module, ctx.inputs.precision)) for source, module in fused]
         options['dvme'] = {'sources': sources,
                            'name': run_label({'order': ctx.plan.order, 'init': ctx.init_path})}
-    if ctx.target is not None:
+    if target is not None:
         settings = {key: value for key, value in (ctx.evaluation.get('uda') or {}).items()
                     if key not in UDA_DATA_KEYS and value is not None}
-        options['uda'] = {**settings, 'target': ctx.target}
+        options['uda'] = {**settings, 'target': target}
     return options
 
 
