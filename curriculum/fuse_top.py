@@ -1,13 +1,13 @@
 """A leaderboard row fusing the K best orderings (``tools/leaderboard.py --fuse-top K``).
 
 Among the pretrained orderings of one board (comparable runs, one protocol; at most ``--fuse-max-len`` tasks long
-when given), the K with the highest mean validation headline over seeds are chosen (never on test). For every seed that all K were run with, one run fuses their final
-backbones with protocol dvme: the best ordering is run again (its stages come from the cache) with
-``evaluation.protocols: [dvme]`` and ``evaluation.fuse`` naming the other K-1 runs (their sweep folders, or their
-last stage folders when the sweep folder holds another run), in ``<work root>/sweeps/dvme[a + b + c]/seed<N>``. A
-fused run that the results store already holds is not run again. The fused runs' dvme metrics become one row,
-``dvme[a + b + c]``, of the board, with a footer line giving how it was made and the mean attention weight of each
-source.
+when given), the K with the highest mean validation headline over seeds are chosen (never on test). For every seed
+that all K were run with, one run fuses their final backbones with protocol dvme: the best ordering is run again
+(its stages come from the cache) with ``evaluation.protocols: [dvme]`` and ``evaluation.fuse`` naming the other K-1
+runs (their sweep folders, or their last stage folders when the sweep folder holds another run), in ``<work
+root>/sweeps/dvme[a + b + c]/seed<N>``. A fused run that the results store already holds is not run again. The fused
+runs' dvme metrics become one row, ``dvme[a + b + c]``, of the board, with a footer line giving how it was made and
+the mean attention weight of each source.
 """
 from __future__ import annotations
 

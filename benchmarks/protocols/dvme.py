@@ -12,12 +12,12 @@ to and which keeps the weight of every source readable:
   their softmax over the sources, ``α = softmax(s)`` (they sum to 1 for every image);
 * a linear classifier reads the weighted sum ``Σ_j α_j h_j``.
 
-Projections, scorer and classifier are trained together on the downstream training split (Adam, mini-batches of
-256 drawn from reshuffled passes, the class-balanced loss of the linear probe, an L2 penalty on every weight
-matrix) for a fixed number of optimiser steps whatever the size of the split, for each weight decay of a small
-grid; the weights with the best validation headline (measured 50 times per fit) and their decay are kept and
-reported on test, with the mean attention weight of each source on the test images. Written here: no library offers meta-embeddings of image backbones (lightly, mmpretrain
-and torchvision have none).
+Projections, scorer and classifier are trained together on the downstream training split (Adam, mini-batches of 256
+drawn from reshuffled passes, the class-balanced loss of the linear probe, an L2 penalty on every weight matrix) for
+a fixed number of optimiser steps whatever the size of the split, for each weight decay of a small grid; the weights
+with the best validation headline (measured 50 times per fit) and their decay are kept and reported on test, with
+the mean attention weight of each source on the test images. Written here: no library offers meta-embeddings of
+image backbones (lightly, mmpretrain and torchvision have none).
 """
 from __future__ import annotations
 
