@@ -29,7 +29,11 @@ def add_run_arguments(parser) -> None:
     parser.add_argument('--epochs', type=int, default=None, help='epochs of every stage (overrides the config)')
     parser.add_argument('--lr-trials', type=int, default=None, help='LR-search trials per stage (0 = no search)')
     parser.add_argument('--label-fraction', type=float, default=None, help='fraction of labeled train images')
-    parser.add_argument('--protocols', default=None, help='any of linear,finetune,knn')
+    parser.add_argument('--protocols', default=None, help='any of linear,finetune,knn,dvme,uda')
+    parser.add_argument('--fuse', nargs='+', default=None, metavar='RUN_DIR',
+                        help='dvme: finished runs (or stage folders) whose final backbones are fused with this one')
+    parser.add_argument('--target', default=None, help='uda: the unlabelled target dataset (a --dataset name)')
+    parser.add_argument('--target-root', default=None, help='uda: data root of the target dataset')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
     parser.add_argument('--amp', choices=('auto', 'bf16', 'fp16', 'none'), default=None,
                         help='precision of the backbone: auto (bf16 where the device supports it and, on a CPU, '
@@ -183,6 +187,10 @@ def config_overrides(args) -> dict:
         'seed': getattr(args, 'seed', None), 'device': args.device, 'image_size': args.image_size,
         'amp': getattr(args, 'amp', None),
     }
+    if getattr(args, 'fuse', None):
+        flags['evaluation.fuse'] = [os.path.abspath(path) for path in args.fuse]
+    flags['evaluation.uda.target'] = getattr(args, 'target', None)
+    flags['evaluation.uda.target_root'] = getattr(args, 'target_root', None)
     options.update({key: value for key, value in flags.items() if value is not None})
     if args.deterministic:
         options['deterministic'] = True

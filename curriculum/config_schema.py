@@ -27,11 +27,14 @@ from .errors import PlanError
 
 #: mappings whose keys belong to another component (mmpretrain, the optimizer, a dataset layout, tools/study.py)
 OPEN_MAPPINGS = {('backbone',), ('dataset_options',), ('downstream_options',), ('study',),
-                 ('tasks', '*', 'optimizer'), ('tasks', '*', 'paramwise_cfg'), ('tasks', '*', 'clip_grad')}
+                 ('tasks', '*', 'optimizer'), ('tasks', '*', 'paramwise_cfg'), ('tasks', '*', 'clip_grad'),
+                 ('evaluation', 'uda', 'target_options'), ('evaluation', 'uda', 'class_map')}
 #: per-stage options every task accepts (curriculum/stage.py reads them)
 ENGINE_TASK_OPTIONS = ('clip_grad', 'image_scale')
 #: top-level sections a config file may hold for a tool (configs/experiments/*.yaml: tools/study.py)
 TOOL_SECTIONS = {'study': {}}
+#: the target of the uda protocol (read by curriculum/run.py); its other options are the protocol's own
+UDA_DATA_KEYS = ('target', 'target_root', 'target_options')
 
 
 def _task_module_options(task_class) -> set[str]:
@@ -97,6 +100,12 @@ def _schema(config_dir: str, protocols: tuple[str, ...], tasks: tuple[str, ...])
     schema.update(TOOL_SECTIONS)
     evaluation = schema.setdefault('evaluation', {}) or {}
     evaluation['epochs'] = {name: None for name in protocols}   # a budget per downstream protocol
+    # options of the dvme and uda protocols, known without a line in default.yaml (a default there would change
+    # the config, hence the identity, of every run made before them)
+    from benchmarks.protocols.uda import OPTIONS as UDA_OPTIONS
+
+    evaluation.setdefault('fuse', None)
+    evaluation.setdefault('uda', {name: None for name in (*UDA_DATA_KEYS, *UDA_OPTIONS)})
     schema['evaluation'] = evaluation
     tasks = {}
     for name, task_class in TASKS.items():

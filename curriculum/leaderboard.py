@@ -71,6 +71,17 @@ def run_label(result: dict) -> str:
     return ','.join(result['order']) or 'none'
 
 
+def is_fused(result: dict) -> bool:
+    """Whether the run fused other runs' backbones (protocol dvme with ``evaluation.fuse``)."""
+    return bool(((result.get('config') or {}).get('evaluation') or {}).get('fuse'))
+
+
+def fused_label(result: dict) -> str:
+    """The row label of a run's dvme result: ``dvme[odc,moco + moco + odc]`` (its sources, this run first)."""
+    sources = (((result.get('downstream') or {}).get('dvme') or {}).get('sources')) or [run_label(result)]
+    return f'dvme[{" + ".join(sources)}]'
+
+
 @dataclass
 class Row:
     label: str
@@ -106,6 +117,8 @@ class Leaderboard:
     label_fraction: float
     single_scores: dict[str, float]
     stage_counts: dict[str, int] | None = None
+    key: str = ''                                # the comparison key of its runs
+    notes: list[str] = field(default_factory=list)   # extra footer lines (e.g. how a fused row was made)
 
     def baselines(self) -> list[Row]:
         return [row for row in self.rows if row.baseline]
@@ -131,9 +144,12 @@ def build_leaderboards(results: list[dict], stage_counts: dict[str, int] | None 
                 if not metrics:
                     continue
                 headline = metrics.get('headline', headline)
-                label = run_label(run)
-                row = rows.setdefault(label, Row(label, tuple(run['order']),
-                                                 baseline=not run['order'] or bool(run.get('init'))))
+                if protocol == 'dvme':   # a fusion of several runs' backbones: no ordering of its own
+                    label, order, baseline = fused_label(run), (), False
+                else:
+                    label, order, baseline = run_label(run), tuple(run['order']), not run['order'] or bool(
+                        run.get('init'))
+                row = rows.setdefault(label, Row(label, order, baseline=baseline))
                 for metric in METRICS:
                     row.values.setdefault(metric, []).append(metrics.get(metric))
                 row.cis.append(metrics.get(f'{headline}_ci') or [])
@@ -146,7 +162,7 @@ def build_leaderboards(results: list[dict], stage_counts: dict[str, int] | None 
             first = runs[0]
             boards.append(Leaderboard(protocol, headline, sorted(rows.values(), key=lambda r: -nan_low(
                 r.mean(headline))), first['dataset'], first.get('downstream_dataset', first['dataset']),
-                float(first.get('label_fraction', 1.0)), singles, stage_counts))
+                float(first.get('label_fraction', 1.0)), singles, stage_counts, key=key))
     return boards
 
 
@@ -200,6 +216,7 @@ def footer(board: Leaderboard) -> str:
         counts = board.stage_counts
         lines.append(f'Stage runs: planned {counts.get("planned")}, run {counts.get("run")}, '
                      f'reused from the prefix cache {counts.get("reused")}.')
+    lines.extend(board.notes)
     return '\n'.join(lines)
 
 

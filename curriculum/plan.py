@@ -21,7 +21,7 @@ from .errors import PlanError
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, 'default.yaml')
 NO_PRETRAINING = 'none'
-KNOWN_PROTOCOLS = ('linear', 'finetune', 'knn')
+KNOWN_PROTOCOLS = ('linear', 'finetune', 'knn', 'dvme', 'uda')
 STAGE_KEYS_REQUIRED = ('epochs', 'batch_size', 'lr', 'lr_range', 'optimizer')
 #: the largest side (px) any stage decodes its images at (image_size, and image_size × a stage's image_scale)
 MAX_IMAGE_SIZE = 1024
@@ -231,6 +231,68 @@ def validate_config(config: dict) -> None:
     if steps is not None and (finetune.get('eval_every') or 0) > steps:
         raise PlanError(f'evaluation.finetune.eval_every ({finetune["eval_every"]}) must not exceed '
                         f'evaluation.finetune.steps ({steps})')
+    validate_fusion(evaluation, protocols)
+    validate_uda(evaluation, protocols)
+
+
+def validate_fusion(evaluation: dict, protocols: list[str]) -> None:
+    """``evaluation.fuse`` (``--fuse``): a list of run folders, given exactly when protocol dvme is requested
+    (normalised to a list in place)."""
+    fuse = evaluation.get('fuse')
+    if isinstance(fuse, str):
+        fuse = evaluation['fuse'] = [fuse]
+    if fuse is not None and (not isinstance(fuse, list) or not all(isinstance(p, str) and p for p in fuse)):
+        raise PlanError(f'evaluation.fuse must be a list of run folders, got {fuse!r}')
+    if fuse and 'dvme' not in protocols:
+        raise PlanError('--fuse (evaluation.fuse) names backbones for the dvme protocol, which is not requested: '
+                        'add dvme to --protocols')
+    if 'dvme' in protocols and not fuse:
+        raise PlanError('protocol dvme fuses this run\'s backbone with those of other runs: name them with --fuse '
+                        'RUN_DIR [RUN_DIR ...] (evaluation.fuse)')
+
+
+def validate_uda(evaluation: dict, protocols: list[str]) -> None:
+    """``evaluation.uda``: the target (``--target``) given exactly when protocol uda is requested, and the
+    protocol's options (method, selection, class_map, positive numbers)."""
+    from benchmarks.protocols.adaptation import METHODS
+    from benchmarks.protocols.uda import OPTIMIZERS, SELECTIONS
+
+    uda = evaluation.get('uda') or {}
+    if not isinstance(uda, dict):
+        raise PlanError(f'evaluation.uda must be a mapping (target, method, ...), got {uda!r}')
+    target = uda.get('target')
+    if 'uda' in protocols and not target:
+        raise PlanError('protocol uda needs the unlabelled target dataset: --target NAME [--target-root PATH] '
+                        '(evaluation.uda.target)')
+    if target and 'uda' not in protocols:
+        raise PlanError(f'--target {target} (evaluation.uda.target) is the target of the uda protocol, which is '
+                        f'not requested: add uda to --protocols')
+    if uda.get('method', 'dcan') not in METHODS:
+        raise PlanError(f'evaluation.uda.method must be one of {", ".join(METHODS)}, got {uda.get("method")!r}')
+    if uda.get('optimizer', 'adamw') not in OPTIMIZERS:
+        raise PlanError(f'evaluation.uda.optimizer must be one of {", ".join(OPTIMIZERS)}, got '
+                        f'{uda.get("optimizer")!r}')
+    if uda.get('selection', 'last') not in SELECTIONS:
+        raise PlanError(f'evaluation.uda.selection must be one of {", ".join(SELECTIONS)}, got '
+                        f'{uda.get("selection")!r}')
+    class_map = uda.get('class_map')
+    if class_map is not None and (not isinstance(class_map, dict)
+                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in class_map.items())):
+        raise PlanError(f'evaluation.uda.class_map must map source class names to target class names, got '
+                        f'{class_map!r}')
+    if uda.get('target_options') is not None and not isinstance(uda['target_options'], dict):
+        raise PlanError(f'evaluation.uda.target_options must be a mapping, got {uda["target_options"]!r}')
+    for name in ('steps', 'eval_every', 'bottleneck'):
+        if uda.get(name) is not None:
+            _positive_number(uda[name], f'evaluation.uda.{name}', integer=True)
+    for name in ('lr', 'backbone_lr_mult'):
+        if uda.get(name) is not None:
+            _positive_number(uda[name], f'evaluation.uda.{name}')
+    for name in ('mmd_weight', 'entropy_weight', 'domain_weight'):
+        value = uda.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                  or not math.isfinite(value)):
+            raise PlanError(f'evaluation.uda.{name} must be a non-negative number, got {value!r}')
 
 
 def build_plan(order_text: str, config: dict) -> RunPlan:

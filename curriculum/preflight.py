@@ -1,8 +1,10 @@
 """Plan-time checks of everything outside the config that a run needs, before any compute and before anything is
 written: the work dir and work root can be created and written, the results store and the Optuna storage can be
 opened, ``--init`` weights load weights-only and fit the backbone, the downstream data have at least two classes
-with labeled training images, every stage's batch fits the training images, and the backbone gives every stage's
-task what it reads (a vision transformer's patch tokens, convolutional feature maps, inputs of at least one patch).
+with labeled training images, every stage's batch fits the training images, the backbone gives every stage's
+task what it reads (a vision transformer's patch tokens, convolutional feature maps, inputs of at least one patch),
+the backbones named by ``--fuse`` (protocol dvme) exist and fit their configs, and the target of protocol uda
+loads and shares at least two classes with the downstream data.
 
 Each problem is a one-line :class:`~curriculum.errors.PlanError` (or the data layer's / checkpoint layer's own
 error), so the tools end with exit code 2 and leave existing folders as they were. Nothing here creates a file or a
@@ -222,3 +224,44 @@ def check_backbone(plan) -> None:
             if small:
                 raise PlanError(f'{stage.task}: feeds its backbone {small[0]} px inputs, smaller than one '
                                 f'{patch} px patch of {name}; use a smaller backbone.patch_size or larger inputs')
+
+
+def fused_backbones(evaluation: dict, backbone_cfg: dict, seed: int) -> list:
+    """The backbones protocol dvme fuses with the run's own (``evaluation.fuse``), resolved and loaded:
+    ``[(FusedSource, backbone)]``; empty when dvme is not requested (:mod:`curriculum.fusion`)."""
+    if 'dvme' not in (evaluation.get('protocols') or []):
+        return []
+    from .fusion import fused_backbones as load
+
+    return load(evaluation.get('fuse') or [], backbone_cfg, seed)
+
+
+def uda_target(evaluation: dict, source, image_size: int, seed: int):
+    """The target dataset of protocol uda (``evaluation.uda.target``, ``target_root``, ``target_options``) decoded
+    at ``image_size``, or None when uda is not requested. Its split is drawn without its labels where the layout
+    publishes none, and no decision here uses its labels: only its class names are matched against the downstream
+    (source) classes. A PlanError when fewer than two classes match, or when the matched classes have fewer than
+    two with labelled source training images."""
+    if 'uda' not in (evaluation.get('protocols') or []):
+        return None
+    from benchmarks.datasets import load_dataset
+    from benchmarks.protocols.uda import ClassMatchError, match_classes
+
+    uda = evaluation.get('uda') or {}
+    target = load_dataset(uda['target'], uda.get('target_root'), image_size=image_size, seed=seed, stratify=False,
+                          **(uda.get('target_options') or {}))
+    if source.multilabel or target.multilabel:
+        which = source.name if source.multilabel else target.name
+        raise PlanError(f'uda: {which} is multi-label; domain adaptation here is single-label')
+    try:
+        mapping, _ = match_classes(list(source.class_names), list(target.class_names), uda.get('class_map'))
+    except ClassMatchError as exc:
+        raise PlanError(f'uda ({source.name} -> {target.name}): {exc}') from None
+    train = source.train_indices(float(evaluation.get('label_fraction', 1.0)), seed)
+    present = {mapping[c] for c in np.unique(source.labels[train]).tolist() if c in mapping}
+    if len(present) < 2:
+        raise PlanError(f'uda ({source.name} -> {target.name}): the labelled source training images hold '
+                        f'{len(present)} of the matched classes; at least 2 are needed')
+    target.indices('train')   # EmptySplitError (one line) when the target has no training or test images
+    target.indices('test')
+    return target

@@ -206,6 +206,8 @@ class RunContext:
     init_path: str | None
     init_state: dict | None
     scaled_inputs: dict = field(default_factory=dict)  # side (px) → StageInputs of stages with an image_scale
+    fused: list = field(default_factory=list)          # protocol dvme: [(curriculum.fusion.FusedSource, backbone)]
+    target: object = None                              # protocol uda: the target PreparedDataset
 
 
 def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str | None,
@@ -225,6 +227,8 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
     downstream_data = _load_downstream_data(config, pretext)
     evaluation = dict(config.get('evaluation') or {})
     downstream_data.check_classes(float(evaluation.get('label_fraction', 1.0)), seed)
+    fused = preflight.fused_backbones(evaluation, dict(config['backbone']), seed)
+    target = preflight.uda_target(evaluation, downstream_data, int(config['image_size']), seed)
     preflight.check_batch_sizes(plan, len(pretext.unlabeled('train')), get_world_size())
     train_groups = preflight.check_groups(plan, pretext)   # None unless a stage's task needs them
     preflight.check_colour(plan, pretext)
@@ -244,7 +248,8 @@ def prepare_run(plan: RunPlan, work_root: str, results_url: str, init_path: str 
     return RunContext(plan=plan, config=config, device=device, seed=seed, storage=storage, pretext=pretext,
                       downstream_data=downstream_data, evaluation=evaluation, monitor=monitor,
                       monitor_every=monitor_every, inputs=inputs, precision=precision,
-                      search_cfg=dict(config.get('lr_search') or {}), init_path=init_path, init_state=init_state)
+                      search_cfg=dict(config.get('lr_search') or {}), init_path=init_path, init_state=init_state,
+                      fused=fused, target=target)
 
 
 @dataclass
@@ -315,15 +320,37 @@ def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None)
     # the step budget of fine-tuning (evaluation.finetune: steps, eval_every, patience), only the keys set
     finetune = {name: int(value) for name, value in (ctx.evaluation.get('finetune') or {}).items()
                 if value is not None}
+    options = {'finetune': finetune} if finetune else {}
+    options.update(protocol_inputs(ctx))
     downstream = evaluate(backbone, ctx.downstream_data, protocols,
                           label_fraction=float(ctx.evaluation.get('label_fraction', 1.0)), seed=ctx.seed,
                           device=ctx.device, epochs=ctx.evaluation.get('epochs'),
-                          batch_size=int(ctx.evaluation.get('batch_size', 64)),
-                          options={'finetune': finetune} if finetune else None)
+                          batch_size=int(ctx.evaluation.get('batch_size', 64)), options=options or None)
+    if 'dvme' in downstream:
+        downstream['dvme']['fused_runs'] = [source.describe() for source, _ in getattr(ctx, 'fused', [])]
     finetuned = (downstream.get('finetune') or {}).pop('model', None)
     for metrics in downstream.values():
         metrics.pop('model', None)
     return downstream, finetuned
+
+
+def protocol_inputs(ctx: RunContext) -> dict:
+    """The options of protocols dvme (the other backbones, in the run's precision, and this run's name) and uda
+    (the target dataset and the protocol's settings from ``evaluation.uda``), for those requested."""
+    from .config_schema import UDA_DATA_KEYS
+    from .leaderboard import run_label
+
+    options = {}
+    fused, target = getattr(ctx, 'fused', None), getattr(ctx, 'target', None)   # a partial context: neither
+    if fused:
+        sources = [(source.name, apply_precision(module, module, ctx.inputs.precision)) for source, module in fused]
+        options['dvme'] = {'sources': sources,
+                           'name': run_label({'order': ctx.plan.order, 'init': ctx.init_path})}
+    if target is not None:
+        settings = {key: value for key, value in (ctx.evaluation.get('uda') or {}).items()
+                    if key not in UDA_DATA_KEYS and value is not None}
+        options['uda'] = {**settings, 'target': target}
+    return options
 
 
 def result_record(ctx: RunContext, stages: list[dict], downstream: dict, started: float, work_root: str,

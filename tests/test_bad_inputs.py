@@ -4,6 +4,7 @@ file or folder under the work root). Most cases run in-process through the tool'
 a few go through a real process, where a traceback or a stray line on stderr would show."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -180,6 +181,27 @@ def not_a_database(tmp):
 VIT_OPTIONS = ['backbone.type=VisionTransformer', 'backbone.arch=deit-tiny', 'backbone.img_size=64',
                'backbone.patch_size=8']
 
+
+def pneumonia_target(tmp):
+    return ['--protocols', 'uda', '--target', 'medmnist',
+            '--target-root', write_medmnist(str(tmp / 'target' / 'pneumoniamnist.npz'), sizes=(20, 6, 8))]
+
+
+def fuse_run_without_its_backbone(tmp):
+    """A run folder whose result.json names a last stage that the stage cache no longer holds."""
+    run = tmp / 'old_run'
+    run.mkdir()
+    (run / 'result.json').write_text(json.dumps({
+        'order': ['odc'], 'seed': 0, 'work_root': str(tmp / 'moved_root'),
+        'stages': [{'task': 'odc', 'key': '0123456789abcdef', 'stage_dir': str(tmp / 'gone' / 'odc-0123')}]}))
+    return ['--protocols', 'dvme', '--fuse', str(run)]
+
+
+def fuse_empty_folder(tmp):
+    (tmp / 'empty').mkdir()
+    return ['--protocols', 'dvme', '--fuse', str(tmp / 'empty')]
+
+
 #: (id, builder(tmp) -> extra args, fragment of the one error line)
 CASES = [
     # orders, flags, values
@@ -273,6 +295,24 @@ CASES = [
     ('results store unreachable', lambda t: ['--results', UNREACHABLE], 'cannot open results store'),
     ('results store not a database', not_a_database, 'file is not a database'),
     ('Optuna storage unreachable', lambda t: ['--optuna-storage', UNREACHABLE], 'cannot open Optuna storage'),
+    # protocols dvme and uda
+    ('dvme without --fuse', lambda t: ['--protocols', 'dvme'], 'name them with --fuse RUN_DIR'),
+    ('--fuse without dvme', lambda t: ['--fuse', str(t)], 'add dvme to --protocols'),
+    ('--fuse folder missing', lambda t: ['--protocols', 'dvme', '--fuse', '/nonexistent/run'],
+     '--fuse /nonexistent/run: no such folder'),
+    ('--fuse folder without a backbone', fuse_empty_folder, 'not a run folder (no result.json) nor a stage folder'),
+    ('--fuse run whose backbone is gone', fuse_run_without_its_backbone, 'odc-0123/backbone.pth is missing'),
+    ('uda without a target', lambda t: ['--protocols', 'uda'], 'protocol uda needs the unlabelled target dataset'),
+    ('--target without uda', lambda t: ['--target', 'medmnist'], 'add uda to --protocols'),
+    ('uda target missing', lambda t: ['--protocols', 'uda', '--target', 'medmnist', '--target-root',
+                                      '/nonexistent/pneumoniamnist.npz'], '/nonexistent/pneumoniamnist.npz'),
+    ('uda target sharing no class', pneumonia_target, 'share 0 class(es) by name'),
+    ('uda class_map to an unknown class', lambda t: pneumonia_target(t) + [
+        '--cfg-options', 'evaluation.uda.class_map={MEL: covid}'], "class_map: 'covid' is not a target class"),
+    ('unknown uda method', lambda t: pneumonia_target(t) + ['--cfg-options', 'evaluation.uda.method=coral'],
+     'evaluation.uda.method must be one of source_only, dann, dcan, dcan_noreg'),
+    ('misspelt uda option', lambda t: ['--cfg-options', 'evaluation.uda.metod=dann'],
+     "unknown config key 'evaluation.uda.metod' (did you mean 'evaluation.uda.method'?)"),
 ]
 
 

@@ -166,7 +166,7 @@ def test_unknown_protocol_errors(backbone, single_label):
         evaluate(backbone, single_label, ['linear', 'svm'])
     with pytest.raises(ValueError, match='epochs'):
         evaluate(backbone, single_label, ['knn'], epochs={'finetuning': 3})
-    assert set(PROTOCOLS) == {'linear', 'finetune', 'knn'}
+    assert set(PROTOCOLS) == {'linear', 'finetune', 'knn', 'dvme', 'uda'}
 
 
 def test_pretraining_and_evaluation_share_one_pixel_contract():

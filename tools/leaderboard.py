@@ -7,12 +7,15 @@
     python tools/leaderboard.py ... --backend ray [--ray-address auto|HOST:PORT] [--cpus-per-stage C]
         [--gpus-per-stage G]
     python tools/leaderboard.py --from-results [--results URL|FILE.jsonl] [--out DIR]
+    ... [--fuse-top K [--fuse-protocol linear] [--fuse-max-len L] [--fuse-results URL]]
 
 Writes <out>/leaderboard.md, .csv, .html and .png and prints the Markdown table. A sweep is a task graph
 (curriculum/sweep.py): each distinct stage (a prefix shared by several orderings) is one node run once, each run's
 evaluation one node after its last stage; finished stages come from the stage cache and finished runs from the
 results store. --backend local runs the nodes in this process (--workers 1) or on N local worker processes;
 --backend ray runs them as Ray tasks (a local Ray, or the cluster at --ray-address).
+``--fuse-top K`` adds to each board of ``--fuse-protocol`` a row fusing the final backbones of its K best orderings
+(chosen on val) with protocol dvme, one fused run per seed (:mod:`curriculum.fuse_top`).
 """
 from __future__ import annotations
 
@@ -47,6 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--baselines', default='none', help='none and/or local weight files (comma-separated)')
     parser.add_argument('--seeds', default='0', help='comma-separated seeds')
     parser.add_argument('--from-results', action='store_true', help='only render from the results store')
+    parser.add_argument('--fuse-top', type=int, default=None, metavar='K',
+                        help='add a row fusing the K best orderings (chosen on val) with protocol dvme')
+    parser.add_argument('--fuse-protocol', default='linear',
+                        help='the board that gets the fused row and whose val headline chooses the orderings')
+    parser.add_argument('--fuse-max-len', type=int, default=None,
+                        help='fuse only orderings of at most this many tasks (1: the best single tasks)')
+    parser.add_argument('--fuse-results', default=None,
+                        help='results store of the fused runs (default: --results; a JSON Lines --results needs '
+                             'one)')
     add_run_arguments(parser)
     return parser.parse_args(argv)
 
@@ -174,12 +186,70 @@ def run_sweep(args, jobs: list[dict], settings) -> int:
     return 2 if all(outcome.error.user_error for _, outcome in failed) else 1
 
 
+def existing_runs(url: str) -> list[dict]:
+    """The runs a results store holds; none (and nothing created) for an SQLite file that does not exist yet."""
+    import sqlalchemy
+
+    from curriculum.results import is_jsonl, load_runs
+
+    if not is_jsonl(url):
+        parsed = sqlalchemy.engine.make_url(url)
+        if parsed.get_backend_name() == 'sqlite' and parsed.database and not os.path.exists(parsed.database):
+            return []
+    return load_runs(url)
+
+
+def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
+    """``--fuse-top K``: on every board of ``--fuse-protocol``, the row fusing its K best orderings (fused runs
+    made here when the results store does not hold them yet)."""
+    from curriculum.errors import PlanError
+    from curriculum.fuse_top import add_fused_row, fused_jobs, stored_fused_run
+    from curriculum.leaderboard import comparison_key
+    from curriculum.plan import build_plan
+    from curriculum.results import is_jsonl
+    from curriculum.run import run_curriculum
+
+    if args.fuse_top < 1:
+        raise PlanError(f'--fuse-top must be at least 1, got {args.fuse_top}')
+    if args.fuse_max_len is not None and args.fuse_max_len < 1:
+        raise PlanError(f'--fuse-max-len must be at least 1, got {args.fuse_max_len}')
+    fused_url = args.fuse_results or results_url
+    targets = [board for board in boards if board.protocol == args.fuse_protocol]
+    if not targets:
+        raise PlanError(f'--fuse-top: no results of protocol {args.fuse_protocol!r} (--fuse-protocol)')
+    planned, skipped = [], []
+    for board in targets:   # every fused run is planned (and its backbones found) before any is run
+        group = [run for run in base if comparison_key(run) == board.key]
+        try:
+            labels, jobs = fused_jobs(group, args.fuse_protocol, args.fuse_top, args.work_root, args.fuse_max_len)
+        except PlanError as exc:   # e.g. a board of an older config with fewer orderings: no row, said below it
+            skipped.append(exc)
+            board.notes.append(f'No fused row: {exc}.')
+            continue
+        planned.append((board, labels, [(job, build_plan(job['order'], job['config'])) for job in jobs]))
+    if not planned:
+        raise skipped[0]
+    for board, labels, jobs in planned:
+        fused = []
+        for job, plan in jobs:
+            stored = stored_fused_run(job, existing_runs(fused_url))
+            if stored is None:
+                if is_jsonl(fused_url):
+                    raise PlanError(f'--fuse-top: {fused_url} is a JSON Lines export; fused runs need a results '
+                                    f'store to be recorded in (--fuse-results URL)')
+                stored = run_curriculum(plan, job['work_dir'], args.work_root, fused_url, init_path=job['init'],
+                                        optuna_storage=args.optuna_storage, progress=None)
+            fused.append(stored)
+        add_fused_row(board, labels, fused, args.fuse_protocol)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == 'cpu':
         os.environ['CUDA_VISIBLE_DEVICES'] = ''
     from curriculum.cli import fail
     from curriculum.errors import USER_ERRORS, PlanError
+    from curriculum.leaderboard import build_leaderboards, is_fused
     from curriculum.results import default_results_url, load_runs
 
     results_url = args.results or default_results_url(args.work_root)
@@ -200,15 +270,18 @@ def main(argv=None) -> int:
                 return code
             wanted = {(job['order'], job['seed'], job['init']) for job in jobs}
             results = [r for r in load_runs(results_url)
-                       if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted]
+                       if (','.join(r['order']) or 'none', r['seed'], r.get('init')) in wanted and not is_fused(r)]
             counts = stage_counts(results, jobs)
+        if not results:
+            raise PlanError(f'no results in {results_url}')
+        base = [r for r in results if not is_fused(r)] if args.fuse_top is not None else results
+        boards = build_leaderboards(base, counts)
+        if args.fuse_top is not None:
+            add_fused_rows(args, boards, base, results_url)
     except (ValueError, *USER_ERRORS) as exc:
         return fail(exc)
-    from curriculum.leaderboard import build_leaderboards, render_markdown, write_outputs
+    from curriculum.leaderboard import render_markdown, write_outputs
 
-    if not results:
-        return fail(PlanError(f'no results in {results_url}'))
-    boards = build_leaderboards(results, counts)
     paths = write_outputs(boards, out_dir)
     print(render_markdown(boards))
     print(f'written: {", ".join(paths.values())}')

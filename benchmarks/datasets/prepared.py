@@ -32,12 +32,16 @@ class PreparedDataset:
     """A dataset decoded at ``image_size`` with a deterministic split."""
 
     def __init__(self, records: ImageRecords, image_size: int, seed: int = 0, cache_dir: str | None = None,
-                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS):
+                 fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, stratify: bool = True):
+        """``stratify=False`` draws a split that the layout does not publish without looking at the labels
+        (grouped, not stratified): the split of an unlabelled target domain, whose labels may be read only for the
+        final test metrics."""
         self.records = records
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.cache_dir = cache_dir
         self.images = decoded_images(records.source, self.image_size, cache_dir)
+        strata = records.labels if stratify else np.zeros(len(records), dtype=np.int64)
         if records.split is not None:
             self.split = records.split.copy()
             self.split_origin = 'published'
@@ -45,13 +49,15 @@ class PreparedDataset:
                 # a published train/test split without val: carve val from train (grouped, stratified, 10 %)
                 train = np.flatnonzero(self.split == 'train')
                 groups = None if records.groups is None else records.groups[train]
-                carved = make_splits(records.labels[train], groups, seed, (0.9, 0.1, 0.0))
+                carved = make_splits(strata[train], groups, seed, (0.9, 0.1, 0.0))
                 self.split[train[carved == 'val']] = 'val'
-                self.split_origin = f'published (val carved from train, seed {seed})'
+                self.split_origin = f'published (val carved from train, seed {seed}' \
+                                    f'{"" if stratify else ", not stratified"})'
         else:
-            self.split = make_splits(records.labels, records.groups, seed, fractions)
+            self.split = make_splits(strata, records.groups, seed, fractions)
             self.split_origin = f'generated (seed {seed}, {"grouped, " if records.groups is not None else ""}' \
-                                f'stratified {"/".join(str(f) for f in fractions)})'
+                                f'{"stratified" if stratify else "not stratified"} ' \
+                                f'{"/".join(str(f) for f in fractions)})'
         digest = hashlib.sha256()
         digest.update(f'{records.name}:{self.image_size}:{records.source.fingerprint()}'.encode())
         digest.update(np.ascontiguousarray(records.labels).tobytes())
@@ -178,6 +184,7 @@ class PreparedDataset:
 
 
 def load_dataset(name: str, root: str | None = None, image_size: int = 64, seed: int = 0,
-                 cache_dir: str | None = None, **options) -> PreparedDataset:
-    """Read ``name`` in its published layout at ``root`` and decode it at ``image_size`` (cached)."""
-    return PreparedDataset(load_records(name, root, **options), image_size, seed, cache_dir)
+                 cache_dir: str | None = None, stratify: bool = True, **options) -> PreparedDataset:
+    """Read ``name`` in its published layout at ``root`` and decode it at ``image_size`` (cached); ``stratify``
+    as :class:`PreparedDataset`."""
+    return PreparedDataset(load_records(name, root, **options), image_size, seed, cache_dir, stratify=stratify)

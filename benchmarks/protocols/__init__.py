@@ -1,12 +1,15 @@
-"""Downstream evaluation protocols of a backbone: linear probe, kNN and full fine-tuning.
+"""Downstream evaluation protocols of a backbone: linear probe, kNN, full fine-tuning, DVME fusion of several frozen
+backbones (:mod:`.dvme`) and unsupervised domain adaptation to another dataset (:mod:`.uda`).
 
 :func:`evaluate` is the common entry: it fits on ``dataset.train_indices(label_fraction, seed)``, selects on the
 'val' split and reports on the 'test' split, for each requested protocol of :data:`PROTOCOLS`. Frozen features
-are extracted once and shared by 'linear' and 'knn'. The backbone (an mmpretrain backbone whose forward returns
-a tuple of feature maps) is never modified: fine-tuning works on a deep copy. The protocols run the backbone as
-they get it: a backbone whose forward autocasts to bf16 and returns fp32 outputs (the engine's
-``curriculum.precision.apply_precision``) is evaluated in that precision, and its deep copies keep it; heads,
-losses, the L-BFGS probe and kNN similarities are fp32.
+are extracted once and shared by 'linear', 'knn' and 'dvme'. 'dvme' needs the other backbones
+(``options={'dvme': {'sources': [(name, backbone), ...]}}``) and 'uda' the target dataset
+(``options={'uda': {'target': PreparedDataset, 'method': ...}}``). The backbone (an mmpretrain backbone whose
+forward returns a tuple of feature maps) is never modified: fine-tuning and adaptation work on a deep copy. The
+protocols run the backbone as they get it: a backbone whose forward autocasts to bf16 and returns fp32 outputs (the
+engine's ``curriculum.precision.apply_precision``) is evaluated in that precision, and its deep copies keep it;
+heads, losses, the L-BFGS probe and kNN similarities are fp32.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import finetune, knn, linear
+from . import dvme, finetune, knn, linear, uda
 from .features import Splits, extract_features, split_features, to_model_input
 
 PROTOCOLS: dict[str, Callable[..., dict]] = {
     'linear': linear.run,
     'finetune': finetune.run,
     'knn': knn.run,
+    'dvme': dvme.run,
+    'uda': uda.run,
 }
-#: protocols that only need frozen features (extracted once per evaluation)
-FEATURE_PROTOCOLS = ('linear', 'knn')
+#: protocols that read the frozen features of the evaluated backbone (extracted once per evaluation)
+FEATURE_PROTOCOLS = ('linear', 'knn', 'dvme')
 
 
 def _check_names(names, what: str) -> None:
