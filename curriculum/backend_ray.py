@@ -9,8 +9,28 @@ system) and the results store and Optuna storage (PostgreSQL on a cluster).
 """
 from __future__ import annotations
 
+import logging
+import socket
+
 from .backend_local import NodeError, node_error
 from .errors import PlanError
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A PlanError when ``HOST:PORT`` (or ``ray://HOST:PORT``) does not accept a TCP connection: ``ray.init`` itself
+    keeps retrying an unreachable address for many minutes. ``auto`` is left to Ray (it fails at once when this
+    machine has no running cluster)."""
+    target = address[len('ray://'):] if address.startswith('ray://') else address
+    if address == 'auto' or ':' not in target:
+        return
+    host, _, port = target.rpartition(':')
+    try:
+        with socket.create_connection((host.strip('[]'), int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise PlanError(f'--ray-address {address}: not HOST:PORT') from None
+    except OSError as exc:
+        raise PlanError(f'cannot reach Ray at {address}: {exc.strerror or type(exc).__name__}') from None
 
 
 class RayBackend:
@@ -25,11 +45,13 @@ class RayBackend:
         self.ray = ray
         self.options = dict(num_cpus=cpus_per_stage, num_gpus=gpus_per_stage, max_retries=int(retries),
                             retry_exceptions=False)
-        try:
+        if address:
+            check_reachable(address)
+        try:   # Ray's own start-up lines are left out: the tool prints the dashboard URL and the cluster it got
             if address:
-                context = ray.init(address=address)
+                context = ray.init(address=address, logging_level=logging.ERROR)
             else:
-                context = ray.init(num_cpus=max(1, round(workers * cpus_per_stage)))
+                context = ray.init(num_cpus=max(1, round(workers * cpus_per_stage)), logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PlanError(f'cannot start or reach Ray{f" at {address}" if address else ""}: '
                             f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}') \

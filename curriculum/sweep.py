@@ -176,9 +176,9 @@ def execute(nodes: dict[str, Node], backend, progress: Progress | None = None) -
     return outcomes
 
 
-def open_backend(kind: str, workers: int, address: str | None = None, cpus_per_stage: float = 1.0,
-                 gpus_per_stage: float = 0.0, retries: int = 3):
-    """The backend named by ``--backend`` (a PlanError for impossible settings)."""
+def check_backend_settings(kind: str, workers: int, address: str | None = None, cpus_per_stage: float = 1.0,
+                           gpus_per_stage: float = 0.0, retries: int = 3) -> None:
+    """A PlanError for impossible backend flags, checked before anything is written or started."""
     from .errors import PlanError
 
     if workers < 1:
@@ -187,14 +187,20 @@ def open_backend(kind: str, workers: int, address: str | None = None, cpus_per_s
         raise PlanError(f'--retries must be at least 0, got {retries}')
     if cpus_per_stage <= 0 or gpus_per_stage < 0:
         raise PlanError('--cpus-per-stage must be positive and --gpus-per-stage not negative')
+    if kind not in ('local', 'ray'):
+        raise PlanError(f'unknown backend {kind!r} (local or ray)')
+    if kind == 'local' and (address or gpus_per_stage):
+        raise PlanError('--ray-address and --gpus-per-stage need --backend ray')
+
+
+def open_backend(kind: str, workers: int, address: str | None = None, cpus_per_stage: float = 1.0,
+                 gpus_per_stage: float = 0.0, retries: int = 3):
+    """The backend named by ``--backend`` (a PlanError for impossible settings)."""
+    check_backend_settings(kind, workers, address, cpus_per_stage, gpus_per_stage, retries)
     if kind == 'ray':
         from .backend_ray import RayBackend
 
         return RayBackend(address, workers, cpus_per_stage, gpus_per_stage, retries)
-    if kind != 'local':
-        raise PlanError(f'unknown backend {kind!r} (local or ray)')
-    if address or gpus_per_stage:
-        raise PlanError('--ray-address and --gpus-per-stage need --backend ray')
     from .backend_local import InProcessBackend, WorkerPoolBackend
 
     return InProcessBackend() if workers == 1 else WorkerPoolBackend(workers, retries)

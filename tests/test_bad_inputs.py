@@ -368,3 +368,51 @@ def test_bad_input_through_a_real_process_exits_2_with_one_line(tmp_path, builde
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], proc.stderr
     assert not work_root.exists()
+
+
+def free_local_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize('flags, fragment', [
+    (lambda: ['--backend', 'ray', '--ray-address', f'127.0.0.1:{free_local_port()}'], 'cannot reach Ray at 127.0.0.1:'),
+    (lambda: ['--backend', 'ray', '--ray-address', 'auto'], 'Could not find any running Ray instance'),
+    (lambda: ['--backend', 'ray', '--gpus-per-stage', '64'], 'GPUs: a stage asking for 1 CPUs and 64 GPUs would never'),
+    (lambda: ['--backend', 'ray', '--cpus-per-stage', '0'], '--cpus-per-stage must be positive'),
+    (lambda: ['--backend', 'local', '--ray-address', 'auto'], '--ray-address and --gpus-per-stage need --backend ray'),
+    (lambda: ['--retries', '-1'], '--retries must be at least 0'),
+], ids=['unreachable address', 'auto without a cluster', 'GPUs the cluster lacks', 'no CPUs', 'address without ray',
+        'negative retries'])
+def test_bad_sweep_backend_flags_exit_2_with_one_line_and_nothing_written(tmp_path, flags, fragment):
+    """A sweep whose backend cannot work fails at once (an unreachable Ray address is not retried for minutes), with
+    one line (none of Ray's start-up logging) and nothing written: the work root's earlier contents stay as they
+    were, and a fresh work root is not made."""
+    pytest.importorskip('ray')
+    kept = tmp_path / 'root'
+    (kept / 'odc').mkdir(parents=True)
+    (kept / 'odc' / 'result.json').write_text('{"keep": true}')
+    before = snapshot(kept)
+    import shutil
+    import tempfile
+
+    # Ray's own temporary folder (short: its Unix sockets live there), so that ``auto`` cannot find a cluster that
+    # another test started on this machine
+    ray_tmp = tempfile.mkdtemp(prefix='ray', dir='/tmp')
+    try:
+        for work_root in (kept, tmp_path / 'fresh'):
+            proc = subprocess.run([sys.executable, tool_path('leaderboard'), '--tasks', 'rotation,relloc',
+                                   '--max-len', '1', '--work-root', str(work_root), '--quiet', *flags()],
+                                  capture_output=True, text=True, cwd=REPO, timeout=240,
+                                  env=dict(os.environ, PYTHONUNBUFFERED='1', RAY_TMPDIR=ray_tmp))
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], proc.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert snapshot(kept) == before
+    assert not (tmp_path / 'fresh').exists()

@@ -135,12 +135,11 @@ def run_sweep(args, jobs: list[dict], settings) -> int:
     """Run the jobs the results store does not hold yet as one task graph; returns the exit status."""
     from curriculum.backend_local import NodeError
     from curriculum.errors import PlanError
-    from curriculum.results import load_runs, prepare_store
+    from curriculum.results import prepare_store
     from curriculum.sweep import Progress, build_graph, execute, open_backend
     from curriculum.sweep_tasks import job_plan, plan_sweep, stored_result
 
-    os.makedirs(settings.work_root, exist_ok=True)
-    stored = load_runs(settings.results_url)
+    stored = existing_runs(settings.results_url)   # nothing is created before the backend and the plans pass
     pending = [job for job in jobs if stored_result(stored, job_plan(settings, job), job) is None]
     if not pending:
         print(f'sweep: all {len(jobs)} runs are in the results store already', flush=True)
@@ -159,6 +158,7 @@ def run_sweep(args, jobs: list[dict], settings) -> int:
             print(f'error: planning the sweep failed: {exc}', file=sys.stderr)
             return 1
         # the shared stores are created once here, so that the nodes never race on a fresh schema
+        os.makedirs(settings.work_root, exist_ok=True)
         prepare_store(settings.results_url)
         if any(chains):
             from curriculum.lr_search import default_storage, open_study_storage
@@ -261,8 +261,11 @@ def main(argv=None) -> int:
             jobs = build_jobs(args)
             settings = sweep_settings(args)
             from curriculum.preflight import check_backbone
+            from curriculum.sweep import check_backend_settings
             from curriculum.sweep_tasks import job_plan
 
+            check_backend_settings(args.backend, args.workers, args.ray_address, args.cpus_per_stage,
+                                   args.gpus_per_stage, args.retries)
             for job in jobs:  # validate every plan (and what its backbone gives its tasks) before any compute
                 check_backbone(job_plan(settings, job))
             code = run_sweep(args, jobs, settings)
