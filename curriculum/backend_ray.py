@@ -51,7 +51,9 @@ class RayBackend:
             if address:
                 context = ray.init(address=address, logging_level=logging.ERROR)
             else:
-                context = ray.init(num_cpus=max(1, round(workers * cpus_per_stage)), logging_level=logging.ERROR)
+                # 'local': a new local Ray even where `ray start` left a cluster running (joining one is --ray-address auto)
+                context = ray.init(address='local', num_cpus=max(1, round(workers * cpus_per_stage)),
+                                   logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PlanError(f'cannot start or reach Ray{f" at {address}" if address else ""}: '
                             f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}') \
