@@ -8,6 +8,8 @@ of one 2-thread process, so two single-threaded workers finish the suite sooner 
 """
 import os
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('CURRICULUM_SSL_CACHE', os.path.join(REPO, '.cache', 'tests'))
 
@@ -25,3 +27,15 @@ if _THREADS is not None and 'OMP_NUM_THREADS' not in os.environ:  # a user's val
     import torch
 
     torch.set_num_threads(_THREADS)
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """Single-threaded torch for a module (``pytestmark = pytest.mark.usefixtures('one_torch_thread')``): on a
+    small shared CPU, intra-op threads spin against each other (~10x slower); the count is restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

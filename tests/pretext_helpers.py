@@ -229,6 +229,27 @@ RESUME_BACKBONE = dict(type='ResNet', depth=18, base_channels=8, stem_channels=8
 RESUME_IMAGES, RESUME_BATCH, RESUME_EPOCHS = 96, 16, 2
 
 
+def assert_bad_config_is_one_line(name: str, task_class, key: str, value, message: str, size: int,
+                                  plan_image_size: int | None = None) -> None:
+    """``tasks.<name>.<key> = value`` is rejected with exactly ``message``: by the task's own check at ``size`` px
+    and, as one line, when a run is planned (at ``plan_image_size`` px, or the default config's size)."""
+    from curriculum.errors import PlanError
+    from curriculum.plan import build_plan, load_config
+    import pytest
+
+    from pretext_tasks.errors import PretextConfigError
+
+    with pytest.raises(PretextConfigError) as info:
+        task_class.check_config({key: value}, size)
+    assert str(info.value) == message
+    overrides = {f'tasks.{name}.{key}': value}
+    if plan_image_size is not None:
+        overrides['image_size'] = plan_image_size
+    with pytest.raises(PlanError) as info:
+        build_plan(name, load_config(None, overrides))
+    assert str(info.value) == message and '\n' not in str(info.value)
+
+
 def resume_stage_config(task: str, **overrides) -> dict:
     """The task's recipe as the engine resolves it, shortened for the resume tests."""
     from curriculum.plan import build_plan, load_config

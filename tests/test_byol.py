@@ -11,7 +11,6 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 from pretext_tasks.byol import BYOLTask, TargetEMA
-from pretext_tasks.errors import PretextConfigError
 from pretext_tasks.registry import build_task, get_task_class
 
 TINY = dict(type='ResNet', depth=18, base_channels=8, stem_channels=8)
@@ -140,15 +139,9 @@ def test_target_starts_from_the_loaded_backbone_then_follows_the_cosine_ema(max_
     ('solarize_prob', -0.1, 'byol: solarize_prob must be in [0, 1], got -0.1'),
 ])
 def test_a_bad_config_value_is_one_line_at_plan_time(key, value, message):
-    from curriculum.errors import PlanError
-    from curriculum.plan import build_plan, load_config
+    from pretext_helpers import assert_bad_config_is_one_line
 
-    with pytest.raises(PretextConfigError) as info:
-        BYOLTask.check_config({key: value}, SIZE)
-    assert str(info.value) == message
-    with pytest.raises(PlanError) as info:
-        build_plan('byol', load_config(None, {f'tasks.byol.{key}': value}))
-    assert str(info.value) == message and '\n' not in str(info.value)
+    assert_bad_config_is_one_line('byol', BYOLTask, key, value, message, SIZE)
 
 
 def test_yaml_recipe_passes_and_names_every_option_the_code_reads():

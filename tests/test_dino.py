@@ -15,7 +15,6 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 from pretext_tasks.dino import DINOTask, dino_out_dim
-from pretext_tasks.errors import PretextConfigError
 from pretext_tasks.registry import build_task, get_task_class
 
 RESNET = dict(type='ResNet', depth=18, base_channels=8, stem_channels=8)
@@ -170,15 +169,9 @@ def test_teacher_temperature_rises_linearly_over_the_warm_up_epochs():
     ('out_dim', 0, 'dino: out_dim must be a positive integer, got 0'),
 ])
 def test_a_bad_config_value_is_one_line_at_plan_time(key, value, message):
-    from curriculum.errors import PlanError
-    from curriculum.plan import build_plan, load_config
+    from pretext_helpers import assert_bad_config_is_one_line
 
-    with pytest.raises(PretextConfigError) as info:
-        DINOTask.check_config({key: value}, SIZE)
-    assert str(info.value) == message
-    with pytest.raises(PlanError) as info:
-        build_plan('dino', load_config(None, {f'tasks.dino.{key}': value, 'image_size': SIZE}))
-    assert str(info.value) == message and '\n' not in str(info.value)
+    assert_bad_config_is_one_line('dino', DINOTask, key, value, message, SIZE, plan_image_size=SIZE)
 
 
 def test_yaml_recipe_passes_and_names_every_option_the_code_reads():

@@ -151,15 +151,9 @@ def test_patch_loss_is_the_cross_entropy_at_the_masked_patches_only():
     ('momentum', 0.2, "ibot: momentum must be in [0.5, 1) (the teacher's EMA momentum, e.g. 0.996), got 0.2"),
 ])
 def test_a_bad_config_value_is_one_line_at_plan_time(key, value, message):
-    from curriculum.errors import PlanError
-    from curriculum.plan import build_plan, load_config
+    from pretext_helpers import assert_bad_config_is_one_line
 
-    with pytest.raises(PretextConfigError) as info:
-        IBOTTask.check_config({key: value}, SIZE)
-    assert str(info.value) == message
-    with pytest.raises(PlanError) as info:
-        build_plan('ibot', load_config(None, {f'tasks.ibot.{key}': value, 'image_size': SIZE}))
-    assert str(info.value) == message and '\n' not in str(info.value)
+    assert_bad_config_is_one_line('ibot', IBOTTask, key, value, message, SIZE, plan_image_size=SIZE)
 
 
 def test_yaml_recipe_passes_and_names_every_option_the_code_reads():

@@ -25,13 +25,7 @@ def blob_images(count, blobs_per_image, rng):
     return images.clip(0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Single-threaded torch: on a small shared CPU, intra-op threads spin against each other (~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
