@@ -14,7 +14,9 @@ from benchmarks.protocols import finetune as finetune_module
 from benchmarks.protocols.finetune import finetune
 from curriculum.errors import PlanError
 from pretext_tasks.base import initial_backbone
-from test_protocols import SIZE, blob_images, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_protocols import SIZE, blob_images
+
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 TINY_BACKBONE = dict(type='ResNet', depth=18, base_channels=8, stem_channels=8, out_indices=[3])
 EPOCH_KEYS = {'balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa', 'balanced_accuracy_ci', 'val',
