@@ -250,6 +250,15 @@ def assert_bad_config_is_one_line(name: str, task_class, key: str, value, messag
     assert str(info.value) == message and '\n' not in str(info.value)
 
 
+def perturbed_backbone_state(task, scale: float = 0.1) -> dict:
+    """``task``'s backbone weights moved by Gaussian noise of ``scale`` (drawn from the global torch RNG): weights
+    that differ from a fresh task's, for the tests that load a backbone into a task with a momentum copy."""
+    with torch.no_grad():
+        for p in task.backbone.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return task.backbone_state()
+
+
 def resume_stage_config(task: str, **overrides) -> dict:
     """The task's recipe as the engine resolves it, shortened for the resume tests."""
     from curriculum.plan import build_plan, load_config

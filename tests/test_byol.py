@@ -100,11 +100,9 @@ def test_loss_is_the_papers_symmetrised_2_minus_2_cos():
 
 
 def test_target_starts_from_the_loaded_backbone_then_follows_the_cosine_ema(max_iters):
-    source = tiny_task()
-    with torch.no_grad():
-        for p in source.backbone.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    incoming = source.backbone_state()
+    from pretext_helpers import perturbed_backbone_state
+
+    incoming = perturbed_backbone_state(tiny_task())
     task = tiny_task()
     wrapper = sgd(task)
     task.train()

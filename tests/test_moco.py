@@ -92,11 +92,9 @@ def test_batch_not_dividing_queue_is_a_config_error():
 
 
 def test_key_encoder_starts_from_loaded_backbone_then_follows_ema():
-    source = tiny_task()
-    with torch.no_grad():
-        for p in source.backbone.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    incoming = source.backbone_state()
+    from pretext_helpers import perturbed_backbone_state
+
+    incoming = perturbed_backbone_state(tiny_task())
     task = tiny_task()
     wrapper = sgd(task)
     task.train()
