@@ -283,3 +283,48 @@ def test_compute_per_row_counts_every_stage_of_an_ordering():
     assert rows['| a,b'] == '| a,b | 6.0 | 5.0 | 2.5 |'                         # cached stages still count
     assert rows['| b'] == '| b | - | 1.0 | - |'
     assert list(rows) == ['| ordering', '| none', '| a', '| b', '| a,b']
+
+
+def test_study_run_exports_finished_runs_while_a_fraction_is_still_running(tmp_path):
+    """A label fraction runs for hours; its finished runs must reach the export file before it ends, so that a
+    machine lost mid-fraction keeps them (exporting only at the end once lost 13 runs)."""
+    from tool_loader import load_tool
+
+    study_tool = load_tool('study')
+    url = f'sqlite:///{tmp_path / "results.db"}'
+    export = str(tmp_path / 'toy.jsonl')
+    finished = _toy_runs()[:2]
+    marker = tmp_path / 'stop'
+    # the child stores two finished runs at once, then keeps 'training' until the test lets it end
+    child = ('import json, os, sys, time\n'
+             f'sys.path.insert(0, {REPO!r})\n'
+             'from curriculum.results import record_run\n'
+             f'for run in json.loads({json.dumps(json.dumps(finished))}):\n'
+             f'    record_run({url!r}, run)\n'
+             'deadline = time.time() + 60\n'
+             f'while not os.path.exists({str(marker)!r}):\n'
+             '    time.sleep(0.05)\n'
+             '    if time.time() > deadline:\n'
+             '        sys.exit(4)\n'
+             'sys.exit(3)\n')
+    seen_while_running = []
+
+    def export_and_look():
+        study_tool.export_experiment('toy', url, export, True)
+        seen_while_running.append(len(read_jsonl(export)) if os.path.exists(export) else 0)
+        if seen_while_running[-1] == len(finished):
+            marker.write_text('')       # the runs are out: let the 'fraction' end
+
+    code = study_tool.call_exporting([sys.executable, '-c', child], export_and_look, every=0.3)
+    assert code == 3                                           # the child's exit code is passed on
+    assert len(finished) in seen_while_running[:-1]            # exported by a periodic call, not only the last
+    assert sorted(r['seed'] for r in read_jsonl(export)) == sorted(r['seed'] for r in finished)
+
+
+def test_study_export_every_must_be_positive(capsys):
+    from tool_loader import load_tool
+
+    with pytest.raises(SystemExit) as stopped:
+        load_tool('study').parse_args(['run', 'x.yaml', '--export-every', '0'])
+    assert stopped.value.code == 2
+    assert 'must be a positive number of seconds' in capsys.readouterr().err
