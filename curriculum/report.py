@@ -203,7 +203,9 @@ def _experiment_runs(results_dir: str) -> dict[str, list[dict]]:
 
     out = {}
     for path in sorted(glob.glob(os.path.join(results_dir, '*.jsonl'))):
-        out[os.path.splitext(os.path.basename(path))[0]] = read_jsonl(path)
+        runs = read_jsonl(path)
+        if runs:  # an empty export (a study stopped before its first run) is a study not run yet
+            out[os.path.splitext(os.path.basename(path))[0]] = runs
     return out
 
 

@@ -328,3 +328,18 @@ def test_study_export_every_must_be_positive(capsys):
         load_tool('study').parse_args(['run', 'x.yaml', '--export-every', '0'])
     assert stopped.value.code == 2
     assert 'must be a positive number of seconds' in capsys.readouterr().err
+
+
+def test_an_empty_export_is_a_study_not_run_yet_and_export_writes_none(tmp_path):
+    """A study stopped before its first run left an empty export once, and render crashed on it."""
+    from tool_loader import load_tool
+
+    results = tmp_path / 'results'
+    results.mkdir()
+    export_runs(_toy_runs(), str(results / 'toy.jsonl'))
+    (results / 'empty.jsonl').write_text('')
+    text = render_report(str(results), str(tmp_path), None, None)
+    assert '## toy' in text and '## empty' not in text
+    url = f'sqlite:///{tmp_path / "results.db"}'
+    assert load_tool('study').export_experiment('nothing', url, str(results / 'nothing.jsonl')) == 0
+    assert not (results / 'nothing.jsonl').exists()

@@ -101,6 +101,8 @@ def export_experiment(name: str, results_url: str, export: str, quiet_when_uncha
     runs = read_jsonl(export) if os.path.exists(export) else []
     before = len(runs)
     runs += [r for r in load_runs(results_url) if ((r.get('config') or {}).get('study') or {}).get('name') == name]
+    if not runs:
+        return 0  # nothing finished yet: no empty file beside the real exports
     count = export_runs(runs, export)
     if count != before or not quiet_when_unchanged:
         print(f'[study] {name}: {count} run(s) exported to {export}', flush=True)
