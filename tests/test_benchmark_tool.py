@@ -35,10 +35,9 @@ def quick_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('quick_benchmark')
 @pytest.mark.timeout(1800)
-def test_quick_benchmark_writes_every_section(quick_run):
-    data, _ = quick_run
+def test_quick_benchmark_writes_every_section_and_its_markdown_tables(quick_run):
+    data, markdown = quick_run
     assert data['quick'] is True and not data['errors']
     ceiling = data['ceiling']
     for key in ('matmul_flops_per_s', 'fp32_gflops', 'bf16_gflops', 'backbone_forward_flops_per_image',
@@ -91,13 +90,7 @@ def test_quick_benchmark_writes_every_section(quick_run):
     for goal in data['goals']:
         at_most = ' <= ' in goal['goal']
         assert goal['met'] == (goal['measured'] <= goal['target'] if at_most else goal['measured'] >= goal['target'])
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group('quick_benchmark')
-@pytest.mark.timeout(1800)
-def test_quick_benchmark_markdown_has_tables(quick_run):
-    _, markdown = quick_run
+    # the Markdown report has its tables
     assert '| task | precision | images/s |' in markdown
     for heading in ('## Ceiling', '## Precision: default vs fp32 vs bf16', "## Ours vs a lightly user's loop",
                     '## Downstream protocols', '## Goals'):

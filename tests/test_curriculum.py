@@ -17,7 +17,7 @@ TOOL = os.path.join(REPO, 'tools', 'run_curriculum.py')
 SMALL = ['--image-size', '32', '--epochs', '1', '--lr-trials', '1', '--protocols', 'knn,linear', '--quiet',
          '--cfg-options', 'dataset_options.num_images=480', 'tasks.rotation.batch_size=32',
          'tasks.relloc.batch_size=32', 'tasks.odc.batch_size=32', 'tasks.moco.batch_size=32',
-         'lr_search.val_images=64']
+         'lr_search.val_images=64', 'backbone.stem_channels=8', 'backbone.base_channels=8']  # narrow ResNet-18
 
 
 def run_tool(args, work_root, **kwargs):

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, 'tools', 'leaderboard.py')
 SMALL = ['--image-size', '32', '--epochs', '1', '--lr-trials', '1', '--protocols', 'knn', '--quiet',
          '--cfg-options', 'dataset_options.num_images=360', 'tasks.rotation.batch_size=32',
-         'tasks.relloc.batch_size=32', 'lr_search.val_images=32']
+         'tasks.relloc.batch_size=32', 'lr_search.val_images=32', 'backbone.stem_channels=8',
+         'backbone.base_channels=8']  # a narrow ResNet-18: these tests are about the sweep, not learning
 
 
 def test_orderings_and_prefix_counts():

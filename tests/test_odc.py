@@ -298,14 +298,16 @@ def test_ddp_ranks_hold_the_same_memory():
 
 # ODC in the test budget: 40 epochs (about 750 iterations) of the narrow ResNet-18 on 1,200 images.
 LEARN_CFG = dict(num_clusters=10000, crop_scale=(0.3, 1.0), color_jitter=(0.2, 0.2, 0.2, 0.02))
-EPOCHS, LR = 40, 0.05
+# 32 px (was 64): measured in fp32 on an AVX2 EPYC, 40 epochs in 40 s, recalibrated kNN 0.159 -> 0.240, pretext
+# accuracy 0.31, 30 of 30 clusters non-empty
+EPOCHS, LR, SIZE = 40, 0.05, 32
 
 
 @pytest.mark.slow
 def test_odc_learns_on_synthetic_derm():
     from pretext_helpers import learning_run
 
-    run = learning_run('odc', LEARN_CFG, EPOCHS, LR)
+    run = learning_run('odc', LEARN_CFG, EPOCHS, LR, size=SIZE)
     task, history = run['task'], run['history']
     assert task.num_clusters == 30  # 10,000 requested, reduced to the dataset size
     print(f'odc: changed {history[0]["changed_ratio"]:.3f} -> {history[-1]["changed_ratio"]:.3f}, '

@@ -187,14 +187,16 @@ def test_queue_is_in_the_state_dict_and_round_trips():
 # assignments (loss pinned at ln K; see configs/tasks/swav.yaml). The queue is left off (its mechanics are tested
 # above).
 LEARN_CFG = dict(batch_size=64, local_crops=0, global_scale=(0.6, 1.0), color_strength=0.25, epoch_queue_starts=100)
-EPOCHS, LR = 30, 0.05
+# 32 px (was 64): measured in fp32 on an AVX2 EPYC, 30 epochs in 64 s, loss 4.70 -> 3.01, recalibrated kNN
+# 0.159 -> 0.226
+EPOCHS, LR, SIZE = 30, 0.05, 32
 
 
 @pytest.mark.slow
 def test_swav_learns_on_synthetic_derm():
     from pretext_helpers import learning_run
 
-    run = learning_run('swav', LEARN_CFG, EPOCHS, LR, weight_decay=1e-6)
+    run = learning_run('swav', LEARN_CFG, EPOCHS, LR, weight_decay=1e-6, size=SIZE)
     task, history = run['task'], run['history']
     assert task.num_prototypes == 120 and task.freeze_prototypes_iters == 18
     assert all(np.isfinite(h['loss']) for h in history)
