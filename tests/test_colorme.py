@@ -331,7 +331,7 @@ def test_colorme_loss_falls_on_synthetic_derm():
                     reason='HAM10000 is not in ../shared/data')
 def test_colorme_beats_the_mean_colour_on_ham10000():
     """Real dermoscopy: the colour is largely predictable from the luminance (measured, held-out a*b* error after
-    12 epochs on 512 images at 32 px: 6.6 vs 9.2 for the training mean in bf16 on an AVX-512 BF16 Xeon; 7.8 vs
+    12 epochs on 512 images at 32 px: 6.6 vs 9.2 for the training mean in bf16 on an AMD EPYC with AVX-512 BF16; 7.8 vs
     9.2 in fp32 on an AVX2 EPYC, CI 2026-12-04)."""
     from pretext_helpers import derm_sample
 

@@ -13,11 +13,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, 'tools', 'run_curriculum.py')
-# A small, fast configuration: 480 generated images at 32 px, one epoch per stage, one LR trial.
+# A small, fast configuration: 480 generated images at 32 px, a narrow ResNet-18, one epoch per stage, one LR trial.
 SMALL = ['--image-size', '32', '--epochs', '1', '--lr-trials', '1', '--protocols', 'knn,linear', '--quiet',
          '--cfg-options', 'dataset_options.num_images=480', 'tasks.rotation.batch_size=32',
          'tasks.relloc.batch_size=32', 'tasks.odc.batch_size=32', 'tasks.moco.batch_size=32',
-         'lr_search.val_images=64', 'backbone.stem_channels=8', 'backbone.base_channels=8']  # narrow ResNet-18
+         'lr_search.val_images=64', 'backbone.stem_channels=8', 'backbone.base_channels=8']
 
 
 def run_tool(args, work_root, **kwargs):

@@ -172,6 +172,6 @@ def test_relloc_learns_on_synthetic_derm():
     # lesion interior, a harder puzzle than v2's (measured in CI 2026-12-03: train 0.225, held-out 0.169)
     assert history[-1]['pretext_acc'] >= 1.25 / 8 and held_out >= 1.25 / 8
     # No kNN assertion: 10 epochs of relloc here teach patch geometry, not a representation that a kNN probe of
-    # the lesion classes sees. With bf16 (an AVX-512 BF16 Xeon) the recalibrated kNN beat the random init's; in
-    # fp32 (AVX2 EPYC, CI 2026-12-04) it did not: raw 0.211 -> 0.170, recalibrated 0.145 -> 0.123. The same holds
-    # on HAM10000 (docs/budget/ham10000-32px: relloc never clears random initialisation by 3 points).
+    # the lesion classes sees. In bf16 (an AMD EPYC with AVX-512 BF16) the recalibrated kNN beat the random init's;
+    # in fp32 (an AVX2-only EPYC, CI 2026-12-04) it did not: raw 0.211 -> 0.170, recalibrated 0.145 -> 0.123. On
+    # HAM10000 relloc stays within 3 points of random initialisation too (docs/budget/ham10000-32px).
