@@ -58,6 +58,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_fractions(text: str | None) -> list[float] | None:
+    """``"1,0.1"`` → ``[1.0, 0.1]`` (None for None); a ValueError naming the flag for anything else."""
+    if text is None:
+        return None
+    try:
+        fractions = [float(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f'--label-fractions must be comma-separated numbers in (0, 1], got {text!r}')
+    return fractions
+
+
 def study_inputs(args, what: str) -> tuple[list[str], list[int]]:
     """The pretext tasks (``--tasks``) and seeds (``--seeds``) of a tool that trains each task alone for ``--epochs``
     (budget curves, the LR check); a PlanError / ValueError naming the flag otherwise. ``what``: what the epochs

@@ -58,6 +58,8 @@ def build_graph(settings, jobs: list[dict], chains: list[list[tuple[str, str]]])
                                    [stage_node_name(chain[depth - 1][1])] if depth else [], (index, depth),
                                    f'{prefix} · seed {job["seed"]} · key {key}')
         label = job['order'] if not job['init'] else f'init {job["init"]} + {job["order"]}'
+        if job.get('label_fraction') is not None:
+            label += f' · labels {job["label_fraction"]:g}'
         nodes[f'evaluation:{index}'] = Node(f'evaluation:{index}', 'evaluation', evaluate_job,
                                             (settings, job, owned), [stage_node_name(key) for _, key in chain],
                                             (index, len(chain)), f'{label} · seed {job["seed"]}')

@@ -47,7 +47,10 @@ def _enter(settings: SweepSettings) -> None:
 def job_config(settings: SweepSettings, job: dict) -> dict:
     from .plan import load_config
 
-    return load_config(settings.config_path, {**settings.overrides, 'seed': job['seed']})
+    overrides = {**settings.overrides, 'seed': job['seed']}
+    if job.get('label_fraction') is not None:    # a sweep over several label fractions (--label-fractions)
+        overrides['evaluation.label_fraction'] = job['label_fraction']
+    return load_config(settings.config_path, overrides)
 
 
 def job_plan(settings: SweepSettings, job: dict):

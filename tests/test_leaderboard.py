@@ -124,6 +124,32 @@ def test_sweep_two_tasks_runs_four_stages_reuses_two_and_writes_outputs(tmp_path
     assert rendered.returncode == 0 and (tmp_path / 'r' / 'leaderboard.md').exists()
 
 
+def test_label_fractions_evaluate_each_ordering_at_every_fraction_right_after_its_stages(tmp_path):
+    """One sweep over two label fractions trains each stage once, evaluates every ordering at both fractions, and
+    schedules an ordering's evaluations before the next ordering's stages (a study on a machine that may be
+    replaced must not leave trained stages waiting hours for their other fractions)."""
+    from tool_loader import load_tool
+
+    leaderboard = load_tool('leaderboard')
+    args = leaderboard.parse_args(['--orders', 'rotation', 'rotation,relloc', '--seeds', '0',
+                                   '--label-fractions', '1,0.5'])
+    jobs = leaderboard.build_jobs(args)
+    assert [(j['order'], j['label_fraction']) for j in jobs] == [
+        ('none', 1.0), ('none', 0.5), ('rotation', 1.0), ('rotation', 0.5), ('rotation,relloc', 1.0),
+        ('rotation,relloc', 0.5)]
+    work_root = tmp_path / 'root'
+    proc = run_tool(['--orders', 'rotation', '--label-fractions', '1,0.5', '--out', str(tmp_path / 'out'), *SMALL],
+                    work_root, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(r[2]) for r in stored_runs(work_root)]
+    assert sorted((r['order'] and r['order'][0] or 'none', r['label_fraction']) for r in runs) == [
+        ('none', 0.5), ('none', 1.0), ('rotation', 0.5), ('rotation', 1.0)]
+    stages = [s for r in runs for s in r['stages']]
+    assert sum(not s['cache_hit'] for s in stages) == 1 and sum(s['cache_hit'] for s in stages) == 1
+    assert (work_root / 'sweeps' / 'rotation' / 'seed0-labels0.5' / 'result.json').exists()
+    assert (work_root / 'sweeps' / 'rotation' / 'seed0' / 'result.json').exists()
+
+
 #: two-epoch stages of a tiny backbone on 16 px images, no LR search: a stage can be caught between its epoch
 #: checkpoints
 TWO_EPOCHS = ['--image-size', '16', '--epochs', '2', '--lr-trials', '0', '--protocols', 'knn', '--quiet',

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -115,7 +117,10 @@ def test_shipped_experiments_are_valid_plans():
 def test_leaderboard_orders_flag_errors():
     tool = os.path.join(REPO, 'tools', 'leaderboard.py')
     for extra, message in ((['--orders', 'odc,odc'], "appears more than once"),
-                           (['--orders', 'odc', '--tasks', 'moco'], 'not both')):
+                           (['--orders', 'odc', '--tasks', 'moco'], 'not both'),
+                           (['--orders', 'odc', '--label-fractions', '1,0'], '--label-fractions must be'),
+                           (['--orders', 'odc', '--label-fractions', '1,0.1', '--label-fraction', '0.1'],
+                            'either --label-fraction or --label-fractions')):
         proc = subprocess.run([sys.executable, tool, *extra, '--work-root', '/nonexistent/never'],
                               capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
@@ -319,6 +324,31 @@ def test_study_run_exports_finished_runs_while_a_fraction_is_still_running(tmp_p
     assert code == 3                                           # the child's exit code is passed on
     assert len(finished) in seen_while_running[:-1]            # exported by a periodic call, not only the last
     assert sorted(r['seed'] for r in read_jsonl(export)) == sorted(r['seed'] for r in finished)
+
+
+def test_a_killed_study_stops_its_sweep_and_exports_what_finished(tmp_path):
+    """`kill` (SIGTERM) of `tools/study.py run` ends the sweep it started (it went on running without the study
+    before) and exports once more."""
+    from tool_loader import load_tool
+
+    study_tool = load_tool('study')
+    pid_file = tmp_path / 'child.pid'
+    child = f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))\ntime.sleep(120)\n'
+    exports = []
+
+    def export():
+        exports.append(time.time())
+        if len(exports) >= 2 and pid_file.exists():
+            os.kill(os.getpid(), signal.SIGTERM)        # what `kill <study pid>` sends
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        study_tool.call_exporting([sys.executable, '-c', child], export, every=0.3)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(exports) >= 3 and exports[-1] - exports[-2] < 0.3  # the final export right after the kill
+    with pytest.raises(ProcessLookupError):                      # the sweep is gone (and reaped)
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signal.SIGTERM) == handler           # this process's own handler is back
 
 
 def test_study_export_every_must_be_positive(capsys):

@@ -2,7 +2,7 @@
 """Run (or reuse) every ordering of some tasks and render leaderboards across orderings.
 
     python tools/leaderboard.py --tasks relloc,moco,odc --max-len 3 [--out DIR] [--workers N]
-        [--baselines none[,PATH]] [--seeds 0,1,2] [run_curriculum flags ...]
+        [--baselines none[,PATH]] [--seeds 0,1,2] [--label-fractions 1,0.1] [run_curriculum flags ...]
     python tools/leaderboard.py --orders odc moco odc,moco relloc,odc,moco [--seeds 0,1,2] [run_curriculum flags ...]
     python tools/leaderboard.py ... --backend ray [--ray-address auto|HOST:PORT] [--cpus-per-stage C]
         [--gpus-per-stage G]
@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--storage', default=None, help='same as --optuna-storage (the LR studies\' storage)')
     parser.add_argument('--baselines', default='none', help='none and/or local weight files (comma-separated)')
     parser.add_argument('--seeds', default='0', help='comma-separated seeds')
+    parser.add_argument('--label-fractions', default=None, metavar='F1,F2',
+                        help='several label fractions in one sweep (instead of --label-fraction): each run\'s '
+                             'stages are evaluated at every fraction as soon as they are trained')
     parser.add_argument('--from-results', action='store_true', help='only render from the results store')
     parser.add_argument('--fuse-top', type=int, default=None, metavar='K',
                         help='add a row fusing the K best orderings (chosen on val) with protocol dvme')
@@ -64,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_jobs(args) -> list[dict]:
+    from curriculum.cli import parse_fractions
     from curriculum.errors import PlanError
     from curriculum.leaderboard import all_orderings
     from curriculum.plan import parse_order
@@ -90,18 +94,25 @@ def build_jobs(args) -> list[dict]:
         orderings = all_orderings(tasks, max_len)
     try:
         seeds = parse_seeds(args.seeds)
+        fractions = parse_fractions(args.label_fractions)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    if fractions and args.label_fraction is not None:
+        raise PlanError('give either --label-fraction or --label-fractions, not both')
     baselines = [b.strip() for b in (args.baselines or '').split(',') if b.strip()]
     for base in baselines:
         if base != 'none' and not os.path.isfile(base):
             raise PlanError(f'baseline weights file not found: {base}')
+    # a job's position is its priority: each ordering's evaluations (one per label fraction) come right after its
+    # stages, before the next ordering's stages
+    per_fraction = [{'label_fraction': fraction} for fraction in dict.fromkeys(fractions)] if fractions else [{}]
     jobs = []
     for seed in seeds:  # baselines first: they are cheap and every comparison needs them
         for base in baselines:
-            jobs.append({'order': 'none', 'seed': seed, 'init': None if base == 'none' else os.path.abspath(base)})
+            jobs += [{'order': 'none', 'seed': seed, 'init': None if base == 'none' else os.path.abspath(base), **f}
+                     for f in per_fraction]
         for ordering in orderings:
-            jobs.append({'order': ','.join(ordering), 'seed': seed, 'init': None})
+            jobs += [{'order': ','.join(ordering), 'seed': seed, 'init': None, **f} for f in per_fraction]
     return jobs
 
 

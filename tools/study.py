@@ -9,8 +9,9 @@
 
 An experiment file is a run config (usable as ``tools/run_curriculum.py --config FILE``) with a ``study:`` section:
 ``name``, ``orders`` (the orderings), ``seeds``, ``label_fractions`` and ``baselines``. ``run`` runs every cell that
-is not stored yet through ``tools/leaderboard.py`` (prefix cache, resumable, any number of workers) and after each
-label fraction exports the experiment's runs (``export`` does only that, e.g. after an interruption), compacted, to ``docs/results/<name>.jsonl``. Those exports are the
+is not stored yet through ``tools/leaderboard.py`` (one sweep over every label fraction: prefix cache, resumable,
+any number of workers) and while it runs exports the experiment's finished runs every few minutes (``export`` does
+only that, e.g. after an interruption), compacted, to ``docs/results/<name>.jsonl``. Those exports are the
 study's stored results: ``run`` first loads them into the results store, so a study interrupted on one machine
 continues on another without redoing finished runs; ``render`` rebuilds ``docs/results.md`` from them alone, in
 seconds. ``external`` applies the fine-tuned models of the cells the report compares (from scratch, the best single
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -81,19 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_fractions(text: str | None) -> list[float] | None:
-    """``"1,0.1"`` → ``[1.0, 0.1]`` (None for None); a ValueError naming the flag for anything else."""
-    if text is None:
-        return None
-    try:
-        fractions = [float(part) for part in text.split(',') if part.strip()]
-    except ValueError:
-        fractions = []
-    if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise ValueError(f'--label-fractions must be comma-separated numbers in (0, 1], got {text!r}')
-    return fractions
-
-
 def export_experiment(name: str, results_url: str, export: str, quiet_when_unchanged: bool = False) -> int:
     """Write the store's runs of study ``name`` (merged with those already exported) to ``export``."""
     from curriculum.results import export_runs, load_runs, read_jsonl
@@ -111,11 +100,13 @@ def export_experiment(name: str, results_url: str, export: str, quiet_when_uncha
 
 def call_exporting(argv: list[str], export, every: float) -> int:
     """Run ``argv`` to its end, calling ``export()`` every ``every`` seconds while it runs and once after it; returns
-    its exit code. A label fraction of a study runs for many hours: exporting only at its end lost every finished
-    run of a machine that went away mid-fraction (it happened: 13 runs). ``export`` merges into the compact file,
+    its exit code. A study runs for many hours: exporting only at its end lost every finished run of a machine
+    that went away mid-study (it happened: 13 runs). ``export`` merges into the compact file,
     so each call only adds. A failed periodic export is reported and retried at the next period; it never stops
     the runs."""
     process = subprocess.Popen(argv)
+    # a plain `kill` (SIGTERM) of this process would otherwise leave the sweep running on without it
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         while True:
             try:
@@ -131,6 +122,8 @@ def call_exporting(argv: list[str], export, every: float) -> int:
         process.wait()
         export()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     export()
     return code
 
@@ -148,23 +141,25 @@ def run_experiment(args) -> int:
         added = import_runs(results_url, read_jsonl(export))
         if added:
             print(f'[study] {study.name}: {added} stored run(s) loaded from {export}', flush=True)
+    from curriculum.cli import parse_fractions
+
     fractions = parse_fractions(args.label_fractions) or study.label_fractions
     seeds = study.seeds if not args.seeds else [int(s) for s in args.seeds.split(',')]
-    for fraction in fractions:
-        argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
-                '--orders', *[','.join(order) for order in study.orders],
-                '--seeds', ','.join(str(s) for s in seeds), '--baselines', ','.join(study.baselines) or 'none',
-                '--label-fraction', f'{fraction:g}', '--work-root', args.work_root, '--workers', str(args.workers),
-                '--out', os.path.join(args.work_root, 'leaderboards', f'{study.name}-{fraction:g}'), '--quiet']
-        if args.device:
-            argv += ['--device', args.device]
-        print(f'[study] {study.name}: label fraction {fraction:g}, {len(study.orders)} orderings + '
-              f'{len(study.baselines)} baseline(s), seeds {seeds}', flush=True)
-        code = call_exporting(argv, lambda: export_experiment(study.name, results_url, export, True),
-                              args.export_every)
-        if code:
-            return code
-    return 0
+    # one sweep over every label fraction: a run's stages are evaluated at each fraction as soon as they are
+    # trained, so that a machine lost mid-study loses no trained stage whose evaluations are still to come
+    # (one sweep per fraction trained every stage at 100 % labels first and evaluated the other fractions hours
+    # later, from stages that a replaced machine no longer had)
+    argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
+            '--orders', *[','.join(order) for order in study.orders],
+            '--seeds', ','.join(str(s) for s in seeds), '--baselines', ','.join(study.baselines) or 'none',
+            '--label-fractions', ','.join(f'{fraction:g}' for fraction in fractions),
+            '--work-root', args.work_root, '--workers', str(args.workers),
+            '--out', os.path.join(args.work_root, 'leaderboards', study.name), '--quiet']
+    if args.device:
+        argv += ['--device', args.device]
+    print(f'[study] {study.name}: label fractions {", ".join(f"{f:g}" for f in fractions)}, {len(study.orders)} '
+          f'orderings + {len(study.baselines)} baseline(s), seeds {seeds}', flush=True)
+    return call_exporting(argv, lambda: export_experiment(study.name, results_url, export, True), args.export_every)
 
 
 def evaluate_tool():
@@ -183,6 +178,7 @@ def evaluate_tool():
 def external_experiment(args) -> int:
     """Score the compared cells of one experiment on ``args.dataset`` (see :mod:`curriculum.external_study`)."""
     from benchmarks.datasets.registry import get_loader
+    from curriculum.cli import parse_fractions
     from curriculum.errors import PlanError
     from curriculum.external_study import output_name, run_external
     from curriculum.report import load_experiment
