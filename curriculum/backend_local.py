@@ -84,9 +84,25 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(1.0)
 
 
-def _worker_main(connection, parent: int) -> None:
-    """A worker process: run the calls it is sent until told to stop."""
+def threads_per_worker(workers: int) -> int | None:
+    """The intra-op threads each of ``workers`` processes should use: its share of this process's cores, or None
+    when the user set ``OMP_NUM_THREADS`` (kept as given). Left to torch's default, every worker takes all the
+    cores: measured on a 2-core CPU, two workers fine-tuning a ResNet-18 at 32 px took 2.15 s per step with two
+    threads each and 0.55 s with one each (one process alone with both cores: 0.43 s)."""
+    if os.environ.get('OMP_NUM_THREADS'):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
+
+
+def _worker_main(connection, parent: int, threads: int | None = None) -> None:
+    """A worker process: run the calls it is sent until told to stop, with ``threads`` intra-op threads."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    if threads is not None:
+        os.environ['OMP_NUM_THREADS'] = str(threads)    # for this process's libraries that read it at import
+        import torch
+
+        torch.set_num_threads(threads)
     if 'fork' in multiprocessing.get_all_start_methods():
         # what mmengine's Runner sets in every process it runs in (it warns when it finds spawn); this process
         # itself starts no other
@@ -113,9 +129,9 @@ def _worker_main(connection, parent: int) -> None:
 
 
 class _Worker:
-    def __init__(self, context):
+    def __init__(self, context, threads: int | None):
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, os.getpid()), daemon=True)
+        self.process = context.Process(target=_worker_main, args=(child, os.getpid(), threads), daemon=True)
         self.process.start()
         child.close()
         self.task: int | None = None
@@ -129,9 +145,11 @@ class WorkerPoolBackend:
     def __init__(self, workers: int, retries: int = 3):
         self.slots = int(workers)
         self.retries = int(retries)
-        self.description = f'{workers} worker processes on this machine'
+        self.threads = threads_per_worker(self.slots)
+        self.description = f'{workers} worker processes on this machine' + (
+            f', {self.threads} thread(s) each' if self.threads else ', threads from OMP_NUM_THREADS')
         self._context = multiprocessing.get_context('spawn')
-        self._workers = [_Worker(self._context) for _ in range(self.slots)]
+        self._workers = [_Worker(self._context, self.threads) for _ in range(self.slots)]
         self._calls: dict[int, tuple] = {}        # task → (function, args)
         self._tries: dict[int, int] = {}
         self._queue: list[int] = []
@@ -167,7 +185,7 @@ class WorkerPoolBackend:
         worker.process.join(timeout=5)
         code = worker.process.exitcode
         worker.connection.close()
-        self._workers[self._workers.index(worker)] = _Worker(self._context)
+        self._workers[self._workers.index(worker)] = _Worker(self._context, self.threads)
         if task is None:
             return
         if self._tries[task] <= self.retries:
