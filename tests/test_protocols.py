@@ -145,6 +145,11 @@ def test_multilabel_with_nan_targets(backbone, multi_label):
     assert results['linear']['auc'] > 0.8, results['linear']
     assert results['knn']['auc'] > 0.7, results['knn']
     assert results['finetune']['model'].head.out_features == 2
+    # each protocol's cost is recorded (a study's compute plan is built from these); the feature protocols share
+    # one extraction
+    assert all(r['seconds'] > 0 for r in results.values())
+    assert results['linear']['feature_seconds'] == results['knn']['feature_seconds'] > 0
+    assert 'feature_seconds' not in results['finetune']
 
 
 def test_linear_probe_features_direct():

@@ -13,6 +13,7 @@ heads, losses, the L-BFGS probe and kNN similarities are fp32.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,7 @@ def evaluate(backbone: nn.Module, dataset, protocols: list[str], label_fraction:
     """Evaluate ``backbone`` on a :class:`~benchmarks.datasets.PreparedDataset` with each of ``protocols``.
 
     Returns ``{protocol: {<test metrics>, 'headline': metric name, 'val': {<val metrics>}, 'num_train': int,
-    ...protocol extras}}``. Test metrics are balanced_accuracy, accuracy, macro_f1, auc, kappa; the headline is
+    'seconds': its wall time, ...protocol extras}}``. Test metrics are balanced_accuracy, accuracy, macro_f1, auc, kappa; the headline is
     balanced_accuracy (single-label) or auc (multi-label). ``epochs`` maps a protocol to its budget ('finetune':
     epochs, 'linear': L-BFGS iterations; 'knn' ignores it). ``options`` maps a protocol to extra keyword
     arguments of its ``run`` (e.g. ``{'finetune': {'lr': 1e-4}}``). The 'finetune' result also holds the
@@ -58,14 +59,22 @@ def evaluate(backbone: nn.Module, dataset, protocols: list[str], label_fraction:
     _check_names(options, 'protocol in options')
     splits = Splits(train=dataset.train_indices(label_fraction, seed), val=dataset.indices('val'),
                     test=dataset.indices('test'))
-    features = None
+    features, feature_seconds = None, 0.0
     if any(name in FEATURE_PROTOCOLS for name in protocols):
+        started = time.perf_counter()
         features = split_features(backbone, dataset, splits, device)
+        feature_seconds = time.perf_counter() - started
     results = {}
     for name in protocols:
+        started = time.perf_counter()
         results[name] = PROTOCOLS[name](backbone, dataset, splits, device=device, seed=seed,
                                         epochs=epochs.get(name), batch_size=batch_size, features=features,
                                         **options.get(name, {}))
+        # what each protocol cost (the compute plan of a study is made of these); the feature protocols share
+        # one extraction, reported beside each of them
+        results[name]['seconds'] = time.perf_counter() - started
+        if name in FEATURE_PROTOCOLS:
+            results[name]['feature_seconds'] = feature_seconds
     return results
 
 
