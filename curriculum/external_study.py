@@ -333,7 +333,7 @@ def _classes_sentence(record: dict) -> str:
 def external_section(results_dir: str, study_name: str) -> list[str]:
     """Markdown lines for the study report from ``<results_dir>/external/<study_name>.*.jsonl``: per dataset a
     table of label fraction, role, ordering, seeds, balanced accuracy (mean over seeds with its 95 % Student-t
-    interval) and mean AUC, then which classes were mapped and which left out. [] when nothing was scored
+    interval, or one seed's bootstrap interval) and mean AUC, then which classes were mapped and which left out. [] when nothing was scored
     externally. Deterministic: the same records give the same lines whatever their order in the files."""
     pattern = os.path.join(glob.escape(os.path.join(results_dir, 'external')), f'{glob.escape(study_name)}.*.jsonl')
     records = [r for path in sorted(glob.glob(pattern)) for r in read_records(path) if r.get('study') == study_name]
@@ -343,7 +343,8 @@ def external_section(results_dir: str, study_name: str) -> list[str]:
              'The fine-tuned models of the cells compared above (from scratch, and the best single task and best '
              'multi-task ordering chosen on the validation split) applied to other datasets, whose classes map '
              'onto the run\'s by name (`python tools/study.py external`). Balanced accuracy and AUC in % over the '
-             'mapped classes, the model\'s scores renormalised over them; 95% CI: Student-t over seeds.', '']
+             'mapped classes, the model\'s scores renormalised over them; 95% CI: Student-t over seeds, or for a '
+             'single seed the percentile bootstrap over the scored images.', '']
     for dataset in sorted({r['dataset'] for r in records}):
         rows = sorted((r for r in records if r['dataset'] == dataset), key=_sort_key)
         roots = sorted({r.get('data_root') or '-' for r in rows})
@@ -358,6 +359,8 @@ def external_section(results_dir: str, study_name: str) -> list[str]:
             scored = [r for r in group if 'skipped' not in r]
             skipped = [r for r in group if 'skipped' in r]
             mean, low, high = mean_t_interval([r['metrics'].get('balanced_accuracy') for r in scored])
+            if len(scored) == 1 and scored[0]['metrics'].get('balanced_accuracy_ci'):
+                low, high = scored[0]['metrics']['balanced_accuracy_ci']    # one seed: its bootstrap interval
             auc = mean_t_interval([r['metrics'].get('auc') for r in scored])[0]
             interval = f' [{_pct(low)}, {_pct(high)}]' if math.isfinite(low) else ''
             seeds = ', '.join(str(r['seed']) for r in scored) or 'none'

@@ -172,6 +172,9 @@ def test_external_scores_the_val_chosen_cells_skips_and_replaces(study, capsys):
     assert len(table) == 6
     assert table[1].startswith('| 1 | best single task | relloc | 0, 1 | ')
     assert table[4].startswith('| 0.5 | best single task | rotation | 0 | ')
+    single = next(r for r in after if r['label_fraction'] == 0.5 and r['role'] == 'best_single')
+    low, high = (f'{100 * v:.2f}' for v in single['metrics']['balanced_accuracy_ci'])
+    assert f'[{low}, {high}]' in table[4]                       # one seed: its bootstrap interval over images
     assert 'left out (no counterpart in the run): UNK (4 images); 20 image(s) scored (split all)' in text
     assert 'AK → AK' in text
 
