@@ -221,7 +221,11 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
     for run in runs:
         for stage in run.get('stages', []):
             epochs[stage['task']] = stage['epochs']
-    tasks = sorted(epochs)
+    planned = {task.strip() for order in study.get('orders') or []
+               for task in (order.split(',') if isinstance(order, str) else order)}
+    used = {stage['task'] for run in runs for stage in run.get('stages', [])}
+    # the study's own tasks: a config's tasks: section also carries every recipe's defaults
+    tasks = sorted(task for task in epochs if task in planned | used or not planned)
     stage_seconds = {}
     for run in runs:
         for stage in run.get('stages', []):

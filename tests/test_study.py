@@ -373,3 +373,15 @@ def test_an_empty_export_is_a_study_not_run_yet_and_export_writes_none(tmp_path)
     url = f'sqlite:///{tmp_path / "results.db"}'
     assert load_tool('study').export_experiment('nothing', url, str(results / 'nothing.jsonl')) == 0
     assert not (results / 'nothing.jsonl').exists()
+
+
+def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
+    """A config's tasks: section carries every recipe's defaults; the set-up line names the study's tasks."""
+    from curriculum.report import _setup_lines
+
+    config = {'tasks': {'a': {'epochs': 1}, 'b': {'epochs': 2}, 'z': {'epochs': 9}},
+              'study': {'orders': ['a', 'a,b'], 'seeds': [0]}, 'evaluation': {'protocols': ['linear']}}
+    run = {'order': ['a'], 'seed': 0, 'config': config, 'created': '2026-01-01T00:00:00+00:00', 'seconds': 60.0,
+           'stages': [{'task': 'a', 'epochs': 1, 'key': 'k', 'seconds': 30.0, 'cache_hit': False}]}
+    line = next(line for line in _setup_lines('toy', [run]) if 'stage epochs' in line)
+    assert 'stage epochs: a 1, b 2;' in line and 'z 9' not in line
