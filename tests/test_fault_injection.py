@@ -82,7 +82,9 @@ def comparable(result: dict) -> dict:
             'spread': search['spread'], 'noise': search['noise'], 'discriminates': search['discriminates'],
         })
     return {'order': result['order'], 'seed': result['seed'], 'classes': result['classes'],
-            'split': result['split'], 'downstream': result['downstream'], 'stages': stages}
+            'split': result['split'], 'stages': stages,
+            'downstream': {protocol: {k: v for k, v in metrics.items() if not k.endswith('seconds')}
+                           for protocol, metrics in result['downstream'].items()}}
 
 
 def read_trace(path, started: float) -> list[tuple[str, int, float]]:
