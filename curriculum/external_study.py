@@ -333,8 +333,9 @@ def _classes_sentence(record: dict) -> str:
 def external_section(results_dir: str, study_name: str) -> list[str]:
     """Markdown lines for the study report from ``<results_dir>/external/<study_name>.*.jsonl``: per dataset a
     table of label fraction, role, ordering, seeds, balanced accuracy (mean over seeds with its 95 % Student-t
-    interval, or one seed's bootstrap interval) and mean AUC, then which classes were mapped and which left out. [] when nothing was scored
-    externally. Deterministic: the same records give the same lines whatever their order in the files."""
+    interval, or one seed's bootstrap interval) and mean AUC, then which classes were mapped and which left out.
+    [] when nothing was scored externally. Deterministic: the same records give the same lines whatever their
+    order in the files."""
     pattern = os.path.join(glob.escape(os.path.join(results_dir, 'external')), f'{glob.escape(study_name)}.*.jsonl')
     records = [r for path in sorted(glob.glob(pattern)) for r in read_records(path) if r.get('study') == study_name]
     if not records:

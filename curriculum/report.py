@@ -218,12 +218,13 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
     config = _latest(runs).get('config') or {}
     study = config.get('study') or {}
     epochs = {task: (cfg or {}).get('epochs') for task, cfg in sorted((config.get('tasks') or {}).items())}
+    used = set()
     for run in runs:
         for stage in run.get('stages', []):
             epochs[stage['task']] = stage['epochs']
+            used.add(stage['task'])
     planned = {task.strip() for order in study.get('orders') or []
                for task in (order.split(',') if isinstance(order, str) else order)}
-    used = {stage['task'] for run in runs for stage in run.get('stages', [])}
     # the study's own tasks: a config's tasks: section also carries every recipe's defaults
     tasks = sorted(task for task in epochs if task in planned | used or not planned)
     stage_seconds = {}

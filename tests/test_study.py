@@ -385,3 +385,16 @@ def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
            'stages': [{'task': 'a', 'epochs': 1, 'key': 'k', 'seconds': 30.0, 'cache_hit': False}]}
     line = next(line for line in _setup_lines('toy', [run]) if 'stage epochs' in line)
     assert 'stage epochs: a 1, b 2;' in line and 'z 9' not in line
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--seeds', 'a', '--seeds must be comma-separated integers'),
+    ('--label-fractions', '1,2', '--label-fractions must be comma-separated numbers in (0, 1]'),
+])
+def test_study_run_bad_seeds_or_fractions_are_one_line_before_anything_is_written(tmp_path, flag, value, message):
+    work_root = tmp_path / 'never'
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'study.py'), 'run',
+                           os.path.join(REPO, 'configs', 'experiments', 'ham10000-32px.yaml'), flag, value,
+                           '--work-root', str(work_root)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not work_root.exists()

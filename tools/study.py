@@ -101,9 +101,8 @@ def export_experiment(name: str, results_url: str, export: str, quiet_when_uncha
 def call_exporting(argv: list[str], export, every: float) -> int:
     """Run ``argv`` to its end, calling ``export()`` every ``every`` seconds while it runs and once after it; returns
     its exit code. A study runs for many hours: exporting only at its end lost every finished run of a machine
-    that went away mid-study (it happened: 13 runs). ``export`` merges into the compact file,
-    so each call only adds. A failed periodic export is reported and retried at the next period; it never stops
-    the runs."""
+    that went away mid-study (it happened: 13 runs). ``export`` merges into the compact file, so each call only
+    adds. A failed periodic export is reported and retried at the next period; it never stops the runs."""
     process = subprocess.Popen(argv)
     # a plain `kill` (SIGTERM) of this process would otherwise leave the sweep running on without it
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -129,11 +128,14 @@ def call_exporting(argv: list[str], export, every: float) -> int:
 
 
 def run_experiment(args) -> int:
+    from curriculum.cli import parse_fractions, parse_seeds
     from curriculum.report import load_experiment
     from curriculum.results import default_results_url, import_runs, read_jsonl
 
     experiment = load_experiment(args.experiment)
     study = experiment.study
+    fractions = parse_fractions(args.label_fractions) or study.label_fractions   # before anything is written
+    seeds = parse_seeds(args.seeds) if args.seeds else study.seeds
     export = os.path.join(args.results_dir, f'{study.name}.jsonl')
     results_url = default_results_url(args.work_root)
     os.makedirs(args.work_root, exist_ok=True)
@@ -141,10 +143,6 @@ def run_experiment(args) -> int:
         added = import_runs(results_url, read_jsonl(export))
         if added:
             print(f'[study] {study.name}: {added} stored run(s) loaded from {export}', flush=True)
-    from curriculum.cli import parse_fractions
-
-    fractions = parse_fractions(args.label_fractions) or study.label_fractions
-    seeds = study.seeds if not args.seeds else [int(s) for s in args.seeds.split(',')]
     # one sweep over every label fraction: a run's stages are evaluated at each fraction as soon as they are
     # trained, so that a machine lost mid-study loses no trained stage whose evaluations are still to come
     # (one sweep per fraction trained every stage at 100 % labels first and evaluated the other fractions hours

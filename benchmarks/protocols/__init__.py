@@ -45,11 +45,11 @@ def evaluate(backbone: nn.Module, dataset, protocols: list[str], label_fraction:
     """Evaluate ``backbone`` on a :class:`~benchmarks.datasets.PreparedDataset` with each of ``protocols``.
 
     Returns ``{protocol: {<test metrics>, 'headline': metric name, 'val': {<val metrics>}, 'num_train': int,
-    'seconds': its wall time, ...protocol extras}}``. Test metrics are balanced_accuracy, accuracy, macro_f1, auc, kappa; the headline is
-    balanced_accuracy (single-label) or auc (multi-label). ``epochs`` maps a protocol to its budget ('finetune':
-    epochs, 'linear': L-BFGS iterations; 'knn' ignores it). ``options`` maps a protocol to extra keyword
-    arguments of its ``run`` (e.g. ``{'finetune': {'lr': 1e-4}}``). The 'finetune' result also holds the
-    fine-tuned model under ``'model'``.
+    'seconds': its wall time, ...protocol extras}}``. Test metrics are balanced_accuracy, accuracy, macro_f1, auc,
+    kappa; the headline is balanced_accuracy (single-label) or auc (multi-label). ``epochs`` maps a protocol to
+    its budget ('finetune': epochs, 'linear': L-BFGS iterations; 'knn' ignores it). ``options`` maps a protocol to
+    extra keyword arguments of its ``run`` (e.g. ``{'finetune': {'lr': 1e-4}}``). The 'finetune' result also holds
+    the fine-tuned model under ``'model'``.
     """
     protocols = list(protocols)
     _check_names(protocols, 'protocol')
