@@ -35,6 +35,39 @@ def test_budget_writes_json_markdown_and_plot_with_a_curve_per_task(tmp_path):
     assert json.loads((again / 'budget.json').read_text())['summary'] == report['summary']
 
 
+def test_budget_protocols_evaluate_final_backbones_and_random_init_beside_another_report(tmp_path):
+    """--protocols: each curve's final backbone and the seed's random initialisation on the test split (with a
+    CI); --beside: another report's curves (here a narrower ResNet) in the tables, at equal training minutes."""
+    budget = load_tool('budget')
+    narrow = [*TINY[:-1], 'backbone={type: ResNet, depth: 18, base_channels: 8, stem_channels: 8, out_indices: [3]}']
+    assert budget.main(['--tasks', 'rotation', '--work-root', str(tmp_path / 'root'), '--out', str(tmp_path / 'narrow'),
+                        *narrow]) == 0
+    out = tmp_path / 'out'
+    assert budget.main(['--tasks', 'moco', '--work-root', str(tmp_path / 'root'), '--out', str(out), '--protocols',
+                        'knn', '--beside', str(tmp_path / 'narrow'), *TINY]) == 0
+    report = json.loads((out / 'budget.json').read_text())
+    knn = report['summary']['moco']['downstream']['knn']
+    assert 0 <= knn['low'] <= knn['mean'] <= knn['high'] <= 1 and knn['interval'] == 'bootstrap over test images'
+    init = report['random_init_downstream']['knn']
+    assert 0 <= init['mean'] <= 1 and init['per_seed'] == [init['mean']]
+    # the curve's test kNN is its own final backbone's, not the random initialisation's
+    run = json.loads(next((tmp_path / 'root' / 'runs').glob('moco-seed0-*/result.json')).read_text())
+    assert knn['mean'] == run['downstream']['knn']['balanced_accuracy']
+    assert [other['backbone'] for other in report['beside']] == ['ResNet-18 (width 8)']
+    markdown = (out / 'budget.md').read_text()
+    assert '| rotation | ResNet-18 (width 8) |' in markdown and '| moco | ResNet-18 (width 16) |' in markdown
+    assert '| random init | ResNet-18 (width 16) | 0 | 0 |' in markdown
+    assert 'At equal training minutes' in markdown
+    # a report made on another dataset, or no report at all: one line, exit 2, nothing written
+    for beside, fragment in ((tmp_path / 'missing', 'no budget report'), (out, "its curves are on 'synthetic_derm'")):
+        args = ['--tasks', 'moco', '--work-root', str(tmp_path / 'root2'), '--out', str(tmp_path / 'bad'),
+                '--beside', str(beside), *TINY]
+        if 'curves are on' in fragment:
+            args += ['--dataset', 'synthetic_cxr']
+        assert budget.main(args) == 2
+    assert not (tmp_path / 'bad').exists() and not (tmp_path / 'root2').exists()
+
+
 def test_budget_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     for args, fragment in ((['--tasks', 'rotation'], '--epochs is required'),
                            (['--tasks', 'bogus', '--epochs', '1'], "unknown pretext task 'bogus'"),
