@@ -231,3 +231,15 @@ def mean_t_interval(values, confidence: float = 0.95) -> tuple[float, float, flo
         return mean, float('nan'), float('nan')
     half = t_quantile(0.5 + confidence / 2, len(finite) - 1) * float(finite.std(ddof=1)) / math.sqrt(len(finite))
     return mean, mean - half, mean + half
+
+
+def percent_with_ci(mean, low=None, high=None) -> str:
+    """A proportion and its interval in percent, two decimals: ``'41.16 [36.69, 45.94]'``; the bare mean when the
+    interval is missing or not finite (one seed, no bootstrap), ``'-'`` when the mean is."""
+    def finite(value) -> bool:
+        return value is not None and math.isfinite(value)
+
+    if not finite(mean):
+        return '-'
+    text = f'{mean * 100:.2f}'
+    return f'{text} [{low * 100:.2f}, {high * 100:.2f}]' if finite(low) and finite(high) else text

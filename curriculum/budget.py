@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from benchmarks.metrics import mean_t_interval, percent_with_ci
+
 from .cli import provenance_lines
 from .errors import PlanError
 from .stage import write_json_atomic
@@ -96,8 +98,6 @@ def summarise_downstream(by_seed: dict[int, dict]) -> dict[str, dict]:
     """Per protocol, over the seeds that ran it: the mean test balanced accuracy and its 95 % interval (one seed:
     the bootstrap interval over test images; several: Student's t over seeds), the per-seed values and the mean
     seconds the protocol took."""
-    from benchmarks.metrics import mean_t_interval
-
     out = {}
     protocols = sorted({protocol for results in by_seed.values() for protocol in results})
     for protocol in protocols:
@@ -160,26 +160,22 @@ def _rows(report: dict) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def _knn_within(row: dict, minutes: float) -> tuple[int, float] | None:
-    """The epoch and mean kNN of the last epoch a curve reached within ``minutes`` of training (epochs assumed to
-    cost the same); None without a measured cost."""
-    per_epoch = row.get('minutes_per_epoch')
-    if not per_epoch:
-        return None
-    reached = [(epoch, knn) for epoch, knn in zip(row['epochs'], row['mean_knn']) if epoch * per_epoch <= minutes + 1e-9]
-    return reached[-1] if reached else None
+def _training_minutes(row: dict) -> float | None:
+    """A curve's training minutes in all (its epochs x its minutes per epoch); None without a measured cost."""
+    return row['minutes_per_epoch'] * max(row['epochs']) if row.get('minutes_per_epoch') else None
+
+
+def _knn_within(row: dict, minutes: float) -> tuple[int, float]:
+    """The epoch and mean kNN of the last epoch a curve with a measured cost reached within ``minutes`` of training
+    (epochs assumed to cost the same; epoch 0 costs nothing)."""
+    per_epoch = row['minutes_per_epoch']
+    return [(epoch, knn) for epoch, knn in zip(row['epochs'], row['mean_knn'])
+            if epoch * per_epoch <= minutes + 1e-9][-1]
 
 
 def _backbone_text(cfg: dict) -> str:
     """``type key=value ...`` of a backbone config (the type first)."""
     return ' '.join([str(cfg.get('type'))] + [f'{k}={v}' for k, v in cfg.items() if k != 'type'])
-
-
-def _ci_text(entry: dict) -> str:
-    low, high = entry.get('low'), entry.get('high')
-    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
-        return f'{100 * entry["mean"]:.2f}'
-    return f'{100 * entry["mean"]:.2f} [{100 * low:.2f}, {100 * high:.2f}]'
 
 
 def _downstream_lines(report: dict) -> list[str]:
@@ -201,9 +197,10 @@ def _downstream_lines(report: dict) -> list[str]:
              '|---|---|---|---|' + '---|' * len(protocols)]
     for task, backbone, results, row in everything:
         epochs = '0' if row is None else str(max(row['epochs']))
-        minutes = '0' if row is None else ('-' if not row.get('minutes_per_epoch')
-                                          else f'{row["minutes_per_epoch"] * max(row["epochs"]):.1f}')
-        cells = [_ci_text(results[p]) if p in results else '-' for p in protocols]
+        total = None if row is None else _training_minutes(row)
+        minutes = '0' if row is None else ('-' if total is None else f'{total:.1f}')
+        cells = [percent_with_ci(results[p]['mean'], results[p]['low'], results[p]['high']) if p in results else '-'
+                 for p in protocols]
         lines.append(f'| {task} | {backbone} | {epochs} | {minutes} | ' + ' | '.join(cells) + ' |')
     return lines
 
@@ -213,7 +210,7 @@ def _equal_minutes_lines(report: dict) -> list[str]:
     rows = [(task, backbone, row) for task, backbone, row in _rows(report) if row.get('minutes_per_epoch')]
     if not report.get('beside') or len(rows) < 2:
         return []
-    budget = min(row['minutes_per_epoch'] * max(row['epochs']) for _, _, row in rows)
+    budget = min(_training_minutes(row) for _, _, row in rows)
     lines = ['', f'At equal training minutes ({budget:.1f} min, the shortest curve\'s total): the last epoch each '
              'curve reached within them and its mean val kNN.', '',
              '| task | backbone | epoch | kNN | gain over its random init |', '|---|---|---|---|---|']

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.metrics import mean_t_interval
+from benchmarks.metrics import mean_t_interval, percent_with_ci
 
 from .errors import PlanError
 from .external_study import external_section
@@ -103,12 +103,6 @@ def _pct(value: float) -> str:
     return '-' if value is None or not math.isfinite(value) else f'{value * 100:.2f}'
 
 
-def _with_ci(mean: float, low: float, high: float) -> str:
-    if not math.isfinite(low):
-        return _pct(mean)
-    return f'{_pct(mean)} [{_pct(low)}, {_pct(high)}]'
-
-
 def _signed_ci(mean: float, low: float, high: float) -> str:
     if not math.isfinite(mean):
         return '-'
@@ -166,13 +160,13 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
     if multi:
         best = chosen['best_multi']
         lines.append(f'- Best multi-task ordering (highest mean validation {headline}): **{best.label}**, test '
-                     f'{_with_ci(*mean_t_interval(list(best.test.values())))} over {len(best.test)} seed(s).')
+                     f'{percent_with_ci(*mean_t_interval(list(best.test.values())))} over {len(best.test)} seed(s).')
         if scratch:
-            lines.append(f'  - vs from scratch ({_with_ci(*mean_t_interval(list(scratch.test.values())))}): '
+            lines.append(f'  - vs from scratch ({percent_with_ci(*mean_t_interval(list(scratch.test.values())))}): '
                          f'{_compare(best, scratch)}.')
         if single:
             best_single = chosen['best_single']
-            interval = _with_ci(*mean_t_interval(list(best_single.test.values())))
+            interval = percent_with_ci(*mean_t_interval(list(best_single.test.values())))
             lines.append(f'  - vs the best single task, **{best_single.label}** ({interval}): '
                          f'{_compare(best, best_single)}.')
     if single and scratch:

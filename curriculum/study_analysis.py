@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.metrics import mean_t_interval
+from benchmarks.metrics import mean_t_interval, percent_with_ci
 
 from .leaderboard import comparison_key, curriculum_label, run_label
 from .study_cells import select_on_val
@@ -245,13 +245,6 @@ def _per_seed(runs: list[dict], protocol: str, metric: str) -> dict[str, dict[in
     return out
 
 
-def _pct_ci(values: list[float]) -> str:
-    mean, low, high = mean_t_interval(values)
-    if not math.isfinite(mean):
-        return '-'
-    return f'{mean * 100:.2f}' + (f' [{low * 100:.2f}, {high * 100:.2f}]' if math.isfinite(low) else '')
-
-
 def _source_rows(measured: dict[str, dict[int, float]]) -> list[str]:
     """Labels of the table's rows: quoted orderings (by source score), other relloc/moco/odc orderings found in
     the runs, then from scratch."""
@@ -277,7 +270,7 @@ def source_table(board: list[dict], protocol: str = 'finetune') -> list[str]:
     for label in labels:
         name = 'from scratch (`none`)' if label == 'none' else f'`{label}`'
         lines.append(f'| {name} | {SOURCE_TABLE_1.get(label, "not quoted here")} | '
-                     f'{_pct_ci(list(measured[label].values()))} | {len(measured[label])} | '
+                     f'{percent_with_ci(*mean_t_interval(list(measured[label].values())))} | {len(measured[label])} | '
                      f'{ranks.get(label, "-")} |')
     lines.insert(2 + sum(label != 'none' for label in labels),
                  f'| ImageNet weights | {SOURCE_TABLE_1["imagenet"]} | not run (no ImageNet weights on this '

@@ -44,10 +44,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from curriculum.cli import fail
     from curriculum.errors import USER_ERRORS
-    from curriculum.plan import build_plan, load_config
-
     from curriculum import budget
-    from curriculum.plan import NO_PRETRAINING
+    from curriculum.plan import NO_PRETRAINING, build_plan, load_config
 
     # without --protocols a curve runs no downstream protocol; with them, the random initialisations run them too
     fixed = {'monitor.knn': True, **({} if args.protocols else {'evaluation.protocols': []})}
