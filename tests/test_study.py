@@ -390,6 +390,7 @@ def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
 @pytest.mark.parametrize('flag, value, message', [
     ('--seeds', 'a', '--seeds must be comma-separated integers'),
     ('--label-fractions', '1,2', '--label-fractions must be comma-separated numbers in (0, 1]'),
+    ('--orders', 'swav,odc', "--orders: 'swav,odc' is not one of the study's orderings (relloc; moco;"),
 ])
 def test_study_run_bad_seeds_or_fractions_are_one_line_before_anything_is_written(tmp_path, flag, value, message):
     work_root = tmp_path / 'never'
@@ -398,3 +399,25 @@ def test_study_run_bad_seeds_or_fractions_are_one_line_before_anything_is_writte
                            '--work-root', str(work_root)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not work_root.exists()
+
+
+def test_study_run_orders_picks_the_studys_own_orderings_for_the_sweep():
+    """`--orders` runs a subset of the study's orderings (e.g. every seed's single tasks first): the sweep gets
+    exactly those, in the order given, once each, with the study's baselines and its own config, so that the runs
+    are the very runs (same stored identity) a full `run` would make."""
+    from tool_loader import load_tool
+
+    from curriculum.report import load_experiment
+
+    study_tool = load_tool('study')
+    path = os.path.join(REPO, 'configs', 'experiments', 'ham10000-32px.yaml')
+    experiment = load_experiment(path)
+    args = study_tool.parse_args(['run', path, '--orders', 'swav', ' relloc, moco ', 'swav', '--seeds', '1,2'])
+    orders = study_tool.select_orders(experiment.study.orders, args.orders)
+    argv = study_tool.sweep_argv(experiment, args, [1.0, 0.01], [1, 2], orders)
+    given = argv[argv.index('--orders') + 1:argv.index('--seeds')]
+    assert given == ['swav', 'relloc,moco']
+    assert argv[argv.index('--seeds') + 1] == '1,2' and argv[argv.index('--baselines') + 1] == 'none'
+    assert argv[argv.index('--config') + 1] == path and argv[argv.index('--label-fractions') + 1] == '1,0.01'
+    everything = study_tool.select_orders(experiment.study.orders, None)
+    assert [','.join(o) for o in everything] == [','.join(o) for o in experiment.study.orders]

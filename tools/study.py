@@ -53,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument('--results-dir', default=RESULTS_DIR, help='where the compact exports live')
     run.add_argument('--label-fractions', default=None, help='only these label fractions (comma-separated)')
     run.add_argument('--seeds', default=None, help='only these seeds (comma-separated)')
+    run.add_argument('--orders', nargs='+', default=None, metavar='ORDER',
+                     help="only these of the study's orderings (each comma-separated, e.g. --orders swav "
+                          "relloc,moco), e.g. to run every seed's single tasks before the longer orderings; "
+                          "the study's baselines always run")
     run.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default=None)
     run.add_argument('--export-every', type=positive_seconds, default=300.0, metavar='SECONDS',
                      help='also export finished runs this often while a label fraction is running (default 300), '
@@ -127,6 +131,35 @@ def call_exporting(argv: list[str], export, every: float) -> int:
     return code
 
 
+def select_orders(orders: list, wanted: list[str] | None) -> list:
+    """The study's orderings named by ``--orders`` (all when None), in the order given, each once; a ValueError
+    naming the first that is not one of them."""
+    if wanted is None:
+        return list(orders)
+    known = {','.join(order): order for order in orders}
+    picked = {}
+    for text in wanted:
+        name = ','.join(part.strip() for part in text.split(',') if part.strip())
+        if name not in known:
+            raise ValueError(f"--orders: {text!r} is not one of the study's orderings ({'; '.join(known)})")
+        picked.setdefault(name, known[name])
+    return list(picked.values())
+
+
+def sweep_argv(experiment, args, fractions: list[float], seeds: list[int], orders: list) -> list[str]:
+    """The ``tools/leaderboard.py`` command that runs the study's cells."""
+    study = experiment.study
+    argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
+            '--orders', *[','.join(order) for order in orders],
+            '--seeds', ','.join(str(s) for s in seeds), '--baselines', ','.join(study.baselines) or 'none',
+            '--label-fractions', ','.join(f'{fraction:g}' for fraction in fractions),
+            '--work-root', args.work_root, '--workers', str(args.workers),
+            '--out', os.path.join(args.work_root, 'leaderboards', study.name), '--quiet']
+    if args.device:
+        argv += ['--device', args.device]
+    return argv
+
+
 def run_experiment(args) -> int:
     from curriculum.cli import parse_fractions, parse_seeds
     from curriculum.report import load_experiment
@@ -136,6 +169,7 @@ def run_experiment(args) -> int:
     study = experiment.study
     fractions = parse_fractions(args.label_fractions) or study.label_fractions   # before anything is written
     seeds = parse_seeds(args.seeds) if args.seeds else study.seeds
+    orders = select_orders(study.orders, args.orders)
     export = os.path.join(args.results_dir, f'{study.name}.jsonl')
     results_url = default_results_url(args.work_root)
     os.makedirs(args.work_root, exist_ok=True)
@@ -147,15 +181,8 @@ def run_experiment(args) -> int:
     # trained, so that a machine lost mid-study loses no trained stage whose evaluations are still to come
     # (one sweep per fraction trained every stage at 100 % labels first and evaluated the other fractions hours
     # later, from stages that a replaced machine no longer had)
-    argv = [sys.executable, os.path.join(ROOT, 'tools', 'leaderboard.py'), '--config', experiment.path,
-            '--orders', *[','.join(order) for order in study.orders],
-            '--seeds', ','.join(str(s) for s in seeds), '--baselines', ','.join(study.baselines) or 'none',
-            '--label-fractions', ','.join(f'{fraction:g}' for fraction in fractions),
-            '--work-root', args.work_root, '--workers', str(args.workers),
-            '--out', os.path.join(args.work_root, 'leaderboards', study.name), '--quiet']
-    if args.device:
-        argv += ['--device', args.device]
-    print(f'[study] {study.name}: label fractions {", ".join(f"{f:g}" for f in fractions)}, {len(study.orders)} '
+    argv = sweep_argv(experiment, args, fractions, seeds, orders)
+    print(f'[study] {study.name}: label fractions {", ".join(f"{f:g}" for f in fractions)}, {len(orders)} '
           f'orderings + {len(study.baselines)} baseline(s), seeds {seeds}', flush=True)
     return call_exporting(argv, lambda: export_experiment(study.name, results_url, export, True), args.export_every)
 
