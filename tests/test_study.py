@@ -392,7 +392,8 @@ def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
     ('--label-fractions', '1,2', '--label-fractions must be comma-separated numbers in (0, 1]'),
     ('--orders', 'swav,odc', "--orders: 'swav,odc' is not one of the study's orderings (relloc; moco;"),
 ])
-def test_study_run_bad_seeds_or_fractions_are_one_line_before_anything_is_written(tmp_path, flag, value, message):
+def test_study_run_bad_seeds_fractions_or_orders_are_one_line_before_anything_is_written(tmp_path, flag, value,
+                                                                                          message):
     work_root = tmp_path / 'never'
     proc = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'study.py'), 'run',
                            os.path.join(REPO, 'configs', 'experiments', 'ham10000-32px.yaml'), flag, value,

@@ -131,19 +131,20 @@ def call_exporting(argv: list[str], export, every: float) -> int:
     return code
 
 
-def select_orders(orders: list, wanted: list[str] | None) -> list:
+def select_orders(orders: list[tuple[str, ...]], wanted: list[str] | None) -> list[tuple[str, ...]]:
     """The study's orderings named by ``--orders`` (all when None), in the order given, each once; a ValueError
     naming the first that is not one of them."""
     if wanted is None:
         return list(orders)
-    known = {','.join(order): order for order in orders}
-    picked = {}
+    picked = []
     for text in wanted:
-        name = ','.join(part.strip() for part in text.split(',') if part.strip())
-        if name not in known:
-            raise ValueError(f"--orders: {text!r} is not one of the study's orderings ({'; '.join(known)})")
-        picked.setdefault(name, known[name])
-    return list(picked.values())
+        order = tuple(part.strip() for part in text.split(',') if part.strip())
+        if order not in orders:
+            raise ValueError(f"--orders: {text!r} is not one of the study's orderings "
+                             f"({'; '.join(','.join(known) for known in orders)})")
+        if order not in picked:
+            picked.append(order)
+    return picked
 
 
 def sweep_argv(experiment, args, fractions: list[float], seeds: list[int], orders: list) -> list[str]:
