@@ -245,7 +245,32 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
         f'({sum(stage_seconds.values()) / 60:.1f} min); wall time of all runs incl. cached stages and downstream: '
         f'{run_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
         f'mmpretrain {versions.get("mmpretrain")}, {versions.get("platform")}.',
+        precision_line(runs),
     ]
+
+
+def precision_line(runs: list[dict]) -> str:
+    """The training precisions a study's stored runs used, counted per distinct stage and per run (downstream
+    evaluation): a study resumed across machines can mix them (``amp: auto`` trains in bf16 only where the CPU
+    or GPU has it), and a reader comparing rows needs to know."""
+    def counts(records) -> str:
+        tally: dict[str, int] = {}
+        for record in records:
+            used = (record.get('precision') or {}).get('used') or 'not recorded'
+            tally[used] = tally.get(used, 0) + 1
+        return ', '.join(f'{used} {n}' for used, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    stages = {}
+    for run in runs:
+        for stage in run.get('stages', []):
+            if not stage.get('cache_hit'):
+                stages[stage.get('key')] = stage
+    text = f'- Training precision: downstream runs {counts(runs)}'
+    if stages:
+        text += f'; distinct stages {counts(stages.values())}'
+    if len({(r.get('precision') or {}).get('used') for r in runs}) > 1:
+        text += ' (mixed: the study ran on machines with and without bf16; each run\'s precision is in its record)'
+    return text + '.'
 
 
 def _finetune_budget(evaluation: dict) -> str:

@@ -387,6 +387,22 @@ def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
     assert 'stage epochs: a 1, b 2;' in line and 'z 9' not in line
 
 
+def test_precision_line_counts_runs_and_distinct_stages_and_says_when_they_are_mixed():
+    """A study resumed on a machine with bf16 after one without mixes precisions; the set-up says how many of each."""
+    from curriculum.report import precision_line
+
+    fp32, bf16 = {'used': 'fp32'}, {'used': 'bf16'}
+    runs = [{'precision': fp32, 'stages': [{'key': 'm0', 'cache_hit': False, 'precision': fp32}]},
+            {'precision': fp32, 'stages': [{'key': 'm0', 'cache_hit': True, 'precision': fp32}]},
+            {'precision': bf16, 'stages': [{'key': 'm1', 'cache_hit': False, 'precision': bf16},
+                                           {'key': 'm2', 'cache_hit': False, 'precision': bf16}]},
+            {'precision': bf16, 'stages': []}, {'stages': []}]
+    line = precision_line(runs)
+    assert line.startswith('- Training precision: downstream runs bf16 2, fp32 2, not recorded 1; '
+                           'distinct stages bf16 2, fp32 1 (mixed:')
+    assert 'mixed' not in precision_line(runs[:2])
+
+
 @pytest.mark.parametrize('flag, value, message', [
     ('--seeds', 'a', '--seeds must be comma-separated integers'),
     ('--label-fractions', '1,2', '--label-fractions must be comma-separated numbers in (0, 1]'),
