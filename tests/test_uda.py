@@ -70,6 +70,22 @@ def test_mmd_is_small_for_one_distribution_and_grows_with_a_shift():
     assert mmd2(a, b + 1.0) > shifted
 
 
+def test_prediction_mmd_with_a_fixed_bandwidth_ignores_predictions_that_barely_differ():
+    """The adaptive bandwidth follows the batch's spread, so two-class predictions 0.001 apart score as much as
+    predictions 0.1 apart (it pinned DCAN's untrained classifier at chance on real data); the fixed one does not."""
+    generator = torch.Generator().manual_seed(0)
+    u, v = torch.rand(64, 1, generator=generator), torch.rand(64, 1, generator=generator) + 0.5
+
+    def predictions(spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p, q = 0.5 + spread * (u - 0.5), 0.5 + spread * (v - 0.5)
+        return torch.cat([p, 1 - p], 1), torch.cat([q, 1 - q], 1)
+
+    adaptive = [float(mmd2(*predictions(spread))) for spread in (1e-3, 1e-1)]
+    fixed = [float(mmd2(*predictions(spread), bandwidth=uda.PREDICTION_MMD_BANDWIDTH)) for spread in (1e-3, 1e-1)]
+    assert adaptive[0] > 0.1 and adaptive[0] == pytest.approx(adaptive[1], rel=0.05)
+    assert fixed[0] < 1e-3 * fixed[1] and fixed[1] > 0
+
+
 def test_domain_conditioned_attention_routes_each_domain_through_its_branch():
     attention = DomainConditionedAttention(32)
     maps, tokens = torch.randn(2, 32, 3, 3), torch.randn(2, 5, 32)

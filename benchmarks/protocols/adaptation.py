@@ -105,16 +105,26 @@ class FeatureCorrection(nn.Module):
         return x + self.delta(x)
 
 
-def mmd2(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, multiplier: float = 2.0) -> torch.Tensor:
-    """Biased estimate of the squared multi-kernel MMD between the rows of ``x`` and ``y`` (Gaussian kernels with
-    bandwidths ``base · multiplier^k``, k centred on 0, ``base`` = mean pairwise squared distance, not
-    back-propagated)."""
+def mmd2(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, multiplier: float = 2.0,
+         bandwidth: float | None = None) -> torch.Tensor:
+    """Biased estimate of the squared multi-kernel MMD between the rows of ``x`` and ``y``: Gaussian kernels
+    ``exp(-d² / b)`` with ``b = base · multiplier^k``, k centred on 0, ``base`` = mean pairwise squared distance (not
+    back-propagated); or, with ``bandwidth``, one kernel of that fixed ``b``.
+
+    A fixed bandwidth is for vectors on a known scale, such as softmax outputs (squared distances in [0, 2]): there
+    the adaptive one follows the batch's own spread, so predictions that barely differ (an untrained classifier's)
+    are scored as far apart as confident ones, and the MMD pins them instead of letting the classifier separate the
+    classes (measured: DCAN's source val balanced accuracy stayed at chance for 1060 steps; see
+    benchmarks/protocols/uda.py)."""
     joint = torch.cat([x, y]).float()
     distances = torch.cdist(joint, joint).pow(2)
-    count = len(joint)
-    base = distances.detach().sum() / max(count * count - count, 1)
-    base = base.clamp_min(1e-12) / multiplier ** (kernels // 2)
-    kernel = sum(torch.exp(-distances / (base * multiplier ** k)) for k in range(kernels))
+    if bandwidth is not None:
+        kernel = torch.exp(-distances / float(bandwidth))
+    else:
+        count = len(joint)
+        base = distances.detach().sum() / max(count * count - count, 1)
+        base = base.clamp_min(1e-12) / multiplier ** (kernels // 2)
+        kernel = sum(torch.exp(-distances / (base * multiplier ** k)) for k in range(kernels))
     n = len(x)
     return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
 

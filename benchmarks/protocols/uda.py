@@ -49,6 +49,11 @@ from .finetune import _step_batches, augment_batch
 from .linear import balanced_loss, labels_tensor, scores_from_logits
 
 DEFAULT_EPOCHS = 20
+#: DCAN's MMD between source and corrected target *predictions* uses one Gaussian kernel exp(-d²/1.68) (the
+#: bandwidth of the DCAN authors' release) rather than the features' adaptive multi-kernel: with the adaptive one,
+#: measured on built-in chest X-rays (9600) -> PneumoniaMNIST, 28 px, seed 0-1, 1060 steps, the source val balanced
+#: accuracy of DCAN stayed at 0.48-0.52 (chance) while no alignment reached 0.83-0.86 (see mmd2's docstring)
+PREDICTION_MMD_BANDWIDTH = 1.68
 SELECTIONS = ('last', 'source_val')
 #: options of the protocol (``evaluation.uda.<name>``) and their defaults
 OPTIMIZERS = ('adamw', 'sgd')
@@ -198,7 +203,8 @@ def adapt(backbone: nn.Module, source_images, source_labels: np.ndarray, source_
                     if method == 'dcan':
                         adaptation = adaptation + mmd_weight * (
                             mmd2(out_s['features'], out_t['features'])
-                            + mmd2(torch.softmax(out_s['logits'], 1), torch.softmax(out_t['logits'], 1)))
+                            + mmd2(torch.softmax(out_s['logits'], 1), torch.softmax(out_t['logits'], 1),
+                                   bandwidth=PREDICTION_MMD_BANDWIDTH))
                     loss = loss + ramp * adaptation
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
