@@ -51,8 +51,8 @@ from .linear import balanced_loss, labels_tensor, scores_from_logits
 DEFAULT_EPOCHS = 20
 #: DCAN's MMD between source and corrected target *predictions* uses one Gaussian kernel exp(-d²/1.68) (the
 #: bandwidth of the DCAN authors' release) rather than the features' adaptive multi-kernel: with the adaptive one,
-#: measured on built-in chest X-rays (9600) -> PneumoniaMNIST, 28 px, seed 0-1, 1060 steps, the source val balanced
-#: accuracy of DCAN stayed at 0.48-0.52 (chance) while no alignment reached 0.83-0.86 (see mmd2's docstring)
+#: measured on built-in chest X-rays (9600) -> PneumoniaMNIST, 28 px, seeds 0-2, 1060 steps, the source val balanced
+#: accuracy of DCAN stayed at 0.47-0.53 (chance) while no alignment reached 0.83-0.86 (see mmd2's docstring)
 PREDICTION_MMD_BANDWIDTH = 1.68
 SELECTIONS = ('last', 'source_val')
 #: options of the protocol (``evaluation.uda.<name>``) and their defaults
