@@ -221,11 +221,7 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
                for task in (order.split(',') if isinstance(order, str) else order)}
     # the study's own tasks: a config's tasks: section also carries every recipe's defaults
     tasks = sorted(task for task in epochs if task in planned | used or not planned)
-    stage_seconds = {}
-    for run in runs:
-        for stage in run.get('stages', []):
-            if not stage.get('cache_hit'):
-                stage_seconds[stage.get('key')] = float(stage.get('seconds') or 0.0)
+    stage_seconds = {key: float(stage.get('seconds') or 0.0) for key, stage in _trained_stages(runs).items()}
     run_seconds = sum(float(r.get('seconds') or 0.0) for r in runs)
     devices = sorted({r.get('device', '?') for r in runs})
     versions = runs[-1].get('versions') or {}
@@ -249,6 +245,11 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
     ]
 
 
+def _trained_stages(runs: list[dict]) -> dict[str, dict]:
+    """``{stage key: record}`` of the stages the stored runs trained themselves (not reused from the cache)."""
+    return {stage.get('key'): stage for run in runs for stage in run.get('stages', []) if not stage.get('cache_hit')}
+
+
 def precision_line(runs: list[dict]) -> str:
     """The training precisions a study's stored runs used, counted per distinct stage and per run (downstream
     evaluation): a study resumed across machines can mix them (``amp: auto`` trains in bf16 only where the CPU
@@ -260,11 +261,7 @@ def precision_line(runs: list[dict]) -> str:
             tally[used] = tally.get(used, 0) + 1
         return ', '.join(f'{used} {n}' for used, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
 
-    stages = {}
-    for run in runs:
-        for stage in run.get('stages', []):
-            if not stage.get('cache_hit'):
-                stages[stage.get('key')] = stage
+    stages = _trained_stages(runs)
     text = f'- Training precision: downstream runs {counts(runs)}'
     if stages:
         text += f'; distinct stages {counts(stages.values())}'

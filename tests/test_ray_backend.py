@@ -1,7 +1,8 @@
 """The Ray backend on a real two-node cluster on loopback: a 2-task sweep (4 orderings, 2 seeds) through
 ``tools/leaderboard.py --backend ray --ray-address ...``; the second node's raylet is killed while that node trains
-a stage (with the worker training it), and the sweep still completes: Ray retries the lost task on the head node, which takes the dead attempt
-over, each ordering is recorded once and each distinct stage trained once (counted from the stage records)."""
+a stage (with the worker training it), and the sweep still completes: Ray retries the lost task on the head node,
+which takes the dead attempt over, each ordering is recorded once and each distinct stage trained once (counted from
+the stage records)."""
 from __future__ import annotations
 
 import json
