@@ -10,9 +10,11 @@ them on a backbone.
   arXiv:2005.06717): (1) domain conditioned channel attention: squeeze-and-excitation whose excitation has one
   branch per domain (source images go through the source branch, target images through the target branch), so each
   domain can excite its own channels; (2) domain conditioned feature correction: after each task-specific layer a
-  small residual block ``ΔH`` is added to the *target* activations only, ``Ĥ(x_t) = H(x_t) + ΔH(H(x_t))``, and a
-  regulariser, the MMD between source activations and corrected target activations, makes the correction explain the
-  domain gap. The paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention
+  small residual block ``ΔH`` is added to the *target* activations only, ``Ĥ(x_t) = H(x_t) + ΔH(H(x_t))``; the MMD
+  between source activations and corrected target activations makes the correction explain the domain gap, and the
+  feature regulariser (:func:`feature_regularizer`, as in the authors' release, BIT-DA/GDCAN ``DCAN/train_dcan.py``)
+  keeps the correction from rewriting what the source already has: for every class ``k`` of the source batch, the
+  MMD between class-``k`` source activations and the *corrected* activations of a random subset of source images. The paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention
   sits on the output of the backbone's last stage (any mmpretrain backbone, images of 28-64 px whose last map is
   1×1 to 2×2), the task-specific layers are a 256-wide bottleneck and the classifier, and the correction blocks are
   two-layer MLPs whose last layer starts at zero (no correction at the start).
@@ -129,6 +131,34 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, multiplier: float =
     return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
 
 
+def feature_regularizer(features: torch.Tensor, probabilities: torch.Tensor, corrected_features: torch.Tensor,
+                        corrected_probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        generator: torch.Generator, sample_prob: float = 0.8,
+                        prediction_bandwidth: float | None = None) -> torch.Tensor:
+    """DCAN's feature regulariser on one source batch: ``(1 / C) Σ_k [MMD²(f_k, f̂_R) + MMD²(p_k, p̂_R)]`` over the
+    classes ``k`` present in ``labels``, where ``f_k`` / ``p_k`` are the bottleneck features / softmax predictions of
+    class-``k`` source images and ``f̂_R`` / ``p̂_R`` those of a random subset ``R`` of the batch *after* the feature
+    correction (each image drawn with probability ``sample_prob / C``, a new draw per class, from ``generator``).
+
+    Held to every class's own distribution, corrected source activations can only stay where the source's are: the
+    correction is left to explain the domain gap instead of moving source images across classes. The authors'
+    release (BIT-DA/GDCAN, ``train_dcan.py``; random_prob 0.8, weight 1/C) compares logits and uses a linear-time
+    MMD estimate; here the predictions are softmax outputs with the alignment's fixed bandwidth and the MMD is
+    :func:`mmd2`'s quadratic estimate, which takes sets of unequal size. A class without images, or a draw with none,
+    adds 0."""
+    total = features.new_zeros(())
+    for k in range(num_classes):
+        in_class = labels == k
+        if not bool(in_class.any()):
+            continue
+        drawn = (torch.rand(len(labels), generator=generator) < sample_prob / num_classes).to(labels.device)
+        if not bool(drawn.any()):
+            continue
+        total = total + mmd2(features[in_class], corrected_features[drawn]) + mmd2(
+            probabilities[in_class], corrected_probabilities[drawn], bandwidth=prediction_bandwidth)
+    return total / num_classes
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy (nats) of the softmax of ``logits``."""
     log_p = F.log_softmax(logits.float(), dim=1)
@@ -176,15 +206,18 @@ class AdaptationNetwork(nn.Module):
         features = self.bottleneck(pooled)
         return self._classify(features, domain)
 
-    def _classify(self, features: torch.Tensor, domain: str) -> dict[str, torch.Tensor]:
-        raw_features = features
-        if domain == TARGET and self.correct_features is not None:
-            features = self.correct_features(features)
+    def corrected(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The target path's head on bottleneck ``features`` of any domain: ``{'features'}`` after the feature
+        correction, ``{'raw_logits'}`` of those, ``{'logits'}`` after the logit correction (DCAN only)."""
+        features = self.correct_features(features)
         raw_logits = self.classifier(features)
-        logits = raw_logits
-        if domain == TARGET and self.correct_logits is not None:
-            logits = self.correct_logits(raw_logits)
-        return {'features': features, 'logits': logits, 'raw_features': raw_features, 'raw_logits': raw_logits}
+        return {'features': features, 'logits': self.correct_logits(raw_logits), 'raw_logits': raw_logits}
+
+    def _classify(self, features: torch.Tensor, domain: str) -> dict[str, torch.Tensor]:
+        if domain == TARGET and self.correct_features is not None:
+            return {**self.corrected(features), 'raw_features': features}
+        logits = self.classifier(features)
+        return {'features': features, 'logits': logits, 'raw_features': features, 'raw_logits': logits}
 
     def forward(self, x: torch.Tensor, domain: str = TARGET) -> dict[str, torch.Tensor]:
         return self._heads(self._pooled(self.backbone(x), domain), domain)

@@ -7,8 +7,11 @@ Methods (``method``; networks and losses in :mod:`.adaptation`):
   training);
 * ``dann`` — domain-adversarial training through a gradient reversal layer (Ganin & Lempitsky 2015);
 * ``dcan`` — DCAN (Li et al., AAAI 2020): domain conditioned channel attention, feature-correction blocks on the
-  target path, their MMD regulariser and the entropy of the target predictions;
-* ``dcan_noreg`` — DCAN without the feature regulariser (the MMD term), as the AISEEME deliverable's variant.
+  target path, the MMD between source and corrected target activations (features and predictions), the entropy of
+  the target predictions and the feature regulariser (per class, source activations vs corrected source
+  activations); loss ``CE + ramp · (entropy_weight · H + mmd_weight · (MMD + regulariser))``, the authors' release's
+  ``CE + β H + α (MMD + (1/C) Σ_k reg_k)``;
+* ``dcan_noreg`` — the same without the feature regulariser, the AISEEME deliverable's variant.
 
 Classes are matched by name (ignoring case), or by an explicit ``class_map`` ``{source class: target class}`` (a
 source class may also map to a target class of another name, several source classes to one target class); source
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import compute_metrics, headline_metric, test_metrics
-from .adaptation import METHODS, SOURCE, TARGET, AdaptationNetwork, entropy, mmd2
+from .adaptation import METHODS, SOURCE, TARGET, AdaptationNetwork, entropy, feature_regularizer, mmd2
 from .features import Splits, feature_dim, image_batches, to_model_input
 from .finetune import _step_batches, augment_batch
 from .linear import balanced_loss, labels_tensor, scores_from_logits
@@ -198,14 +201,18 @@ def adapt(backbone: nn.Module, source_images, source_labels: np.ndarray, source_
                                                               ramp)
                     domains = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).to(device)
                     loss = loss + domain_weight * F.binary_cross_entropy_with_logits(domain_logits, domains)
-                else:  # dcan / dcan_noreg: entropy of the corrected target predictions, plus the MMD regulariser
-                    adaptation = entropy_weight * entropy(out_t['logits'])
+                else:  # dcan / dcan_noreg: entropy of the corrected target predictions, MMD of source and corrected
+                    # target activations, and (dcan only) the feature regulariser, weighted as in the authors' release
+                    probs_s = torch.softmax(out_s['logits'], 1)
+                    discrepancy = mmd2(out_s['features'], out_t['features']) + mmd2(
+                        probs_s, torch.softmax(out_t['logits'], 1), bandwidth=PREDICTION_MMD_BANDWIDTH)
                     if method == 'dcan':
-                        adaptation = adaptation + mmd_weight * (
-                            mmd2(out_s['features'], out_t['features'])
-                            + mmd2(torch.softmax(out_s['logits'], 1), torch.softmax(out_t['logits'], 1),
-                                   bandwidth=PREDICTION_MMD_BANDWIDTH))
-                    loss = loss + ramp * adaptation
+                        corrected_s = network.corrected(out_s['features'])
+                        discrepancy = discrepancy + feature_regularizer(
+                            out_s['features'], probs_s, corrected_s['features'],
+                            torch.softmax(corrected_s['logits'], 1), ys, num_classes, generator,
+                            prediction_bandwidth=PREDICTION_MMD_BANDWIDTH)
+                    loss = loss + ramp * (entropy_weight * entropy(out_t['logits']) + mmd_weight * discrepancy)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
