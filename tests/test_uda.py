@@ -218,21 +218,21 @@ def _regulariser(features, probabilities, corrected_features, labels, num_classe
                                      prediction_bandwidth=1.68))
 
 
-def test_feature_regulariser_penalises_a_correction_that_moves_source_activations():
+def test_feature_regulariser_penalises_a_correction_that_moves_source_classes():
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 2
     features = torch.randn(64, 8, generator=generator) + 3.0 * labels[:, None]   # two separated classes
     probabilities = torch.stack([1.0 - labels * 0.9 - 0.05, labels * 0.9 + 0.05], 1)
-    unchanged = _regulariser(features, probabilities, features, labels)
-    moved = _regulariser(features, probabilities, features + 2.0, labels)
-    assert 0 < unchanged < moved                   # each class vs a random mix of both: > 0; a shift costs more
-    many_seeds = [_regulariser(features, probabilities, features, labels, seed=seed) for seed in range(20)]
-    assert all(value < moved for value in many_seeds)
-    # every class present in the batch contributes, weighted 1/C; no draw at all, or no image of a class, adds 0
-    assert _regulariser(features, probabilities, features + 2.0, labels, sample_prob=0.0) == 0.0
-    only_first = labels == 0                        # a batch of class 0 alone, C = 3: one draw, weight 1/3
+    swapped = torch.roll(features, 1, dims=0)                # every image corrected onto the other class
+    values = {name: _regulariser(features, probabilities, corrected, labels)
+              for name, corrected in [('identity', features), ('shifted', features + 2.0), ('swapped', swapped)]}
+    assert values['identity'] < 0.05 < values['shifted'] and values['identity'] < 0.05 < values['swapped'], values
+    assert all(_regulariser(features, probabilities, features, labels, seed=seed) < values['shifted']
+               for seed in range(20))                        # whatever the draw
+    assert _regulariser(features, probabilities, features + 2.0, labels, sample_prob=0.0) == 0.0   # no draw: 0
+    only_first = labels == 0                        # a batch of class 0 alone, C = 3: weight 1/3, one draw
     f, p = features[only_first], probabilities[only_first]
-    drawn = torch.rand(len(f), generator=torch.Generator().manual_seed(0)) < 0.8 / 3
+    drawn = torch.rand(len(f), generator=torch.Generator().manual_seed(0)) < 0.8
     expected = (mmd2(f, (f + 2.0)[drawn]) + mmd2(p, p[drawn], bandwidth=1.68)) / 3
     assert _regulariser(f, p, f + 2.0, labels[only_first], num_classes=3) == pytest.approx(float(expected))
 

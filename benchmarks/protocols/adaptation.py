@@ -12,9 +12,9 @@ them on a backbone.
   domain can excite its own channels; (2) domain conditioned feature correction: after each task-specific layer a
   small residual block ``ΔH`` is added to the *target* activations only, ``Ĥ(x_t) = H(x_t) + ΔH(H(x_t))``; the MMD
   between source activations and corrected target activations makes the correction explain the domain gap, and the
-  feature regulariser (:func:`feature_regularizer`, as in the authors' release, BIT-DA/GDCAN ``DCAN/train_dcan.py``)
+  feature regulariser (:func:`feature_regularizer`, after the authors' release, BIT-DA/GDCAN ``DCAN/train_dcan.py``)
   keeps the correction from rewriting what the source already has: for every class ``k`` of the source batch, the
-  MMD between class-``k`` source activations and the *corrected* activations of a random subset of source images. The paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention
+  MMD between class-``k`` source activations and the *corrected* activations of a random subset of them. The paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention
   sits on the output of the backbone's last stage (any mmpretrain backbone, images of 28-64 px whose last map is
   1×1 to 2×2), the task-specific layers are a 256-wide bottleneck and the classifier, and the correction blocks are
   two-layer MLPs whose last layer starts at zero (no correction at the start).
@@ -135,23 +135,26 @@ def feature_regularizer(features: torch.Tensor, probabilities: torch.Tensor, cor
                         corrected_probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int,
                         generator: torch.Generator, sample_prob: float = 0.8,
                         prediction_bandwidth: float | None = None) -> torch.Tensor:
-    """DCAN's feature regulariser on one source batch: ``(1 / C) Σ_k [MMD²(f_k, f̂_R) + MMD²(p_k, p̂_R)]`` over the
+    """DCAN's feature regulariser on one source batch: ``(1 / C) Σ_k [MMD²(f_k, f̂_Rk) + MMD²(p_k, p̂_Rk)]`` over the
     classes ``k`` present in ``labels``, where ``f_k`` / ``p_k`` are the bottleneck features / softmax predictions of
-    class-``k`` source images and ``f̂_R`` / ``p̂_R`` those of a random subset ``R`` of the batch *after* the feature
-    correction (each image drawn with probability ``sample_prob / C``, a new draw per class, from ``generator``).
+    the class-``k`` source images and ``f̂_Rk`` / ``p̂_Rk`` those of a random subset ``R_k`` of the same images *after*
+    the feature correction (each drawn with probability ``sample_prob`` from ``generator``). It is smallest when the
+    correction leaves every source class where it is, so the correction is left to explain the domain gap.
 
-    Held to every class's own distribution, corrected source activations can only stay where the source's are: the
-    correction is left to explain the domain gap instead of moving source images across classes. The authors'
-    release (BIT-DA/GDCAN, ``train_dcan.py``; random_prob 0.8, weight 1/C) compares logits and uses a linear-time
-    MMD estimate; here the predictions are softmax outputs with the alignment's fixed bandwidth and the MMD is
-    :func:`mmd2`'s quadratic estimate, which takes sets of unequal size. A class without images, or a draw with none,
+    Differs from the authors' release (BIT-DA/GDCAN, ``DCAN/train_dcan.py``) in one place, for a measured reason:
+    there ``R`` is drawn from the whole source batch (probability 0.8 / C each), not from class ``k``. With the
+    release's 31-345 classes such a draw holds 0-2 images; with 2 classes it holds about 40 % of the batch, both
+    classes mixed, and holding each class to that mix pulls the classes together: on built-in chest X-rays ->
+    PneumoniaMNIST (28 px, 1060 steps, seeds 0 and 1) the source validation balanced accuracy stayed at 0.50-0.52
+    for the whole run. Also: the predictions are softmax outputs with the alignment's fixed bandwidth (the release
+    compares logits), and the MMD is :func:`mmd2`'s quadratic estimate. A class without images, or a draw with none,
     adds 0."""
     total = features.new_zeros(())
     for k in range(num_classes):
         in_class = labels == k
         if not bool(in_class.any()):
             continue
-        drawn = (torch.rand(len(labels), generator=generator) < sample_prob / num_classes).to(labels.device)
+        drawn = in_class & (torch.rand(len(labels), generator=generator) < sample_prob).to(labels.device)
         if not bool(drawn.any()):
             continue
         total = total + mmd2(features[in_class], corrected_features[drawn]) + mmd2(
