@@ -14,10 +14,11 @@ them on a backbone.
   between source activations and corrected target activations makes the correction explain the domain gap, and the
   feature regulariser (:func:`feature_regularizer`, after the authors' release, BIT-DA/GDCAN ``DCAN/train_dcan.py``)
   keeps the correction from rewriting what the source already has: for every class ``k`` of the source batch, the
-  MMD between class-``k`` source activations and the *corrected* activations of a random subset of them. The paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention
-  sits on the output of the backbone's last stage (any mmpretrain backbone, images of 28-64 px whose last map is
-  1×1 to 2×2), the task-specific layers are a 256-wide bottleneck and the classifier, and the correction blocks are
-  two-layer MLPs whose last layer starts at zero (no correction at the start).
+  MMD between class-``k`` source activations and the *corrected* activations of a random subset of them. The
+  paper's backbone is an ImageNet ResNet-50 with attention in every bottleneck; here the attention sits on the
+  output of the backbone's last stage (any mmpretrain backbone, images of 28-64 px whose last map is 1×1 to 2×2),
+  the task-specific layers are a 256-wide bottleneck and the classifier, and the correction blocks are two-layer
+  MLPs whose last layer starts at zero (no correction at the start).
 * MMD — the multi-kernel Gaussian MMD of DAN (Long et al., "Learning Transferable Features with Deep Adaptation
   Networks", ICML 2015; Gretton et al., JMLR 2012): a sum of Gaussian kernels whose bandwidths are powers of 2 around
   the mean pairwise squared distance of the batch.
