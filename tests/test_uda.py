@@ -193,18 +193,15 @@ def test_target_labels_are_read_only_for_the_final_test_metrics(method, source, 
 
 def test_dcan_without_its_regulariser_aligns_but_never_regularises(source, target, backbone, monkeypatch):
     calls = {'mmd': 0, 'regulariser': 0}
-    real_mmd, real_regulariser = uda.mmd2, uda.feature_regularizer
 
-    def counting_mmd(*args, **kwargs):
-        calls['mmd'] += 1
-        return real_mmd(*args, **kwargs)
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
 
-    def counting_regulariser(*args, **kwargs):
-        calls['regulariser'] += 1
-        return real_regulariser(*args, **kwargs)
-
-    monkeypatch.setattr(uda, 'mmd2', counting_mmd)
-    monkeypatch.setattr(uda, 'feature_regularizer', counting_regulariser)
+    monkeypatch.setattr(uda, 'mmd2', counting('mmd', uda.mmd2))
+    monkeypatch.setattr(uda, 'feature_regularizer', counting('regulariser', uda.feature_regularizer))
     options = {'target': target, 'steps': 4, 'eval_every': 4}
     evaluate(backbone, source, ['uda'], batch_size=16, options={'uda': {**options, 'method': 'dcan_noreg'}})
     assert calls == {'mmd': 2 * 4, 'regulariser': 0}       # features and predictions aligned, every step

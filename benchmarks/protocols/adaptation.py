@@ -177,8 +177,9 @@ class AdaptationNetwork(nn.Module):
 
     ``forward(x, domain)`` returns ``{'features', 'logits'}`` for one domain's batch (the target path of a DCAN
     network applies the target attention branch and the corrections). :meth:`forward_pair` runs a source and a
-    target batch through one backbone pass (shared batch-norm statistics, as DANN trains) and also returns the
-    uncorrected target activations."""
+    target batch through one backbone pass (shared batch-norm statistics, as DANN trains); :meth:`corrected` puts
+    bottleneck features of either domain through the target path's head (DCAN's feature regulariser corrects source
+    features with it)."""
 
     def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, method: str, bottleneck: int = 256):
         super().__init__()
@@ -211,17 +212,15 @@ class AdaptationNetwork(nn.Module):
         return self._classify(features, domain)
 
     def corrected(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The target path's head on bottleneck ``features`` of any domain: ``{'features'}`` after the feature
-        correction, ``{'raw_logits'}`` of those, ``{'logits'}`` after the logit correction (DCAN only)."""
+        """The target path's head on bottleneck ``features`` of any domain (DCAN only): ``{'features'}`` after the
+        feature correction, ``{'logits'}`` of those after the logit correction."""
         features = self.correct_features(features)
-        raw_logits = self.classifier(features)
-        return {'features': features, 'logits': self.correct_logits(raw_logits), 'raw_logits': raw_logits}
+        return {'features': features, 'logits': self.correct_logits(self.classifier(features))}
 
     def _classify(self, features: torch.Tensor, domain: str) -> dict[str, torch.Tensor]:
         if domain == TARGET and self.correct_features is not None:
-            return {**self.corrected(features), 'raw_features': features}
-        logits = self.classifier(features)
-        return {'features': features, 'logits': logits, 'raw_features': features, 'raw_logits': logits}
+            return self.corrected(features)
+        return {'features': features, 'logits': self.classifier(features)}
 
     def forward(self, x: torch.Tensor, domain: str = TARGET) -> dict[str, torch.Tensor]:
         return self._heads(self._pooled(self.backbone(x), domain), domain)
