@@ -199,6 +199,21 @@ def assert_validation_is_deterministic_and_side_effect_free(task, images: np.nda
     assert all(torch.equal(before[k], v) for k, v in task.state_dict().items())
 
 
+def assert_yaml_matches_code_defaults(config_path: str, defaults: dict) -> None:
+    """A task's YAML has the engine's stage keys (an SGD optimiser, an LR inside its search range) and repeats the
+    code's ``DEFAULTS`` exactly (tuples as lists), so the file a user edits is the recipe that runs."""
+    import yaml
+
+    with open(config_path) as handle:
+        config = yaml.safe_load(handle)
+    for key in ('epochs', 'batch_size', 'optimizer', 'lr', 'lr_range'):
+        assert key in config, key
+    assert config['optimizer']['type'] == 'SGD' and config['lr_range'][0] < config['lr'] < config['lr_range'][1]
+    for key, value in defaults.items():
+        expected = list(value) if isinstance(value, tuple) else value
+        assert config[key] == expected, key
+
+
 def assert_nan_loss_names_task_epoch_and_iteration(task, task_module, monkeypatch, images: np.ndarray) -> None:
     """NaN pixels from the 6th batch on (epoch 2, iteration 6 with 4 batches an epoch) must stop training with
     NonFiniteLossError naming the task and that epoch / iteration. ``task_module`` is the task's module, whose

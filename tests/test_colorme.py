@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pretext_tasks import PretextConfigError, build_task, colorme
 from pretext_tasks.augment import random_resized_crop
@@ -20,7 +19,8 @@ from pretext_tasks.colorme import (DEFAULTS, LAB_AB_RANGE, ColorMe, colour_histo
                                    split_colour)
 
 from pretext_helpers import (LEARN_BACKBONE, assert_nan_loss_names_task_epoch_and_iteration,
-                             assert_stage_resumes_exactly_and_passes_only_its_backbone, resume_stage_config, train_task)
+                             assert_stage_resumes_exactly_and_passes_only_its_backbone,
+                             assert_yaml_matches_code_defaults, resume_stage_config, train_task)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'tasks', 'colorme.yaml')
@@ -122,14 +122,7 @@ def test_crop_and_flip_move_input_and_target_together():
 
 # -- the task contract ------------------------------------------------------------------------------------------
 def test_yaml_defaults_match_the_code_defaults():
-    with open(CONFIG) as handle:
-        config = yaml.safe_load(handle)
-    for key in ('epochs', 'batch_size', 'optimizer', 'lr', 'lr_range'):
-        assert key in config
-    assert config['optimizer']['type'] == 'SGD' and config['lr_range'][0] < config['lr'] < config['lr_range'][1]
-    for key, value in DEFAULTS.items():
-        expected = list(value) if isinstance(value, tuple) else value
-        assert config[key] == expected, key
+    assert_yaml_matches_code_defaults(CONFIG, DEFAULTS)
 
 
 BAD = [

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
 from pretext_tasks import PretextConfigError, build_task
 from pretext_tasks import relloc
@@ -18,7 +17,7 @@ from pretext_tasks.relloc import (CENTRE_CELL, DEFAULTS, NEIGHBOUR_CELLS, crop_p
                                   patch_layout)
 
 from pretext_helpers import (assert_nan_loss_names_task_epoch_and_iteration,
-                             assert_validation_is_deterministic_and_side_effect_free)
+                             assert_validation_is_deterministic_and_side_effect_free, assert_yaml_matches_code_defaults)
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tasks', 'relloc.yaml')
 NO_GUARDS = dict(color_drop_p=0.0, grayscale_p=0.0, channel_jitter=0.0, downsample_p=0.0)
@@ -137,14 +136,7 @@ def test_patch_guards_change_patches_per_patch():
 
 # -- task contract --------------------------------------------------------------------------------------------
 def test_yaml_defaults_match_the_code_defaults():
-    with open(CONFIG) as handle:
-        config = yaml.safe_load(handle)
-    for key in ('epochs', 'batch_size', 'optimizer', 'lr', 'lr_range'):
-        assert key in config
-    assert config['optimizer']['type'] == 'SGD' and config['lr_range'][0] < config['lr'] < config['lr_range'][1]
-    for key, value in DEFAULTS.items():
-        expected = list(value) if isinstance(value, tuple) else value
-        assert config[key] == expected, key
+    assert_yaml_matches_code_defaults(CONFIG, DEFAULTS)
 
 
 def test_validation_score_is_accuracy_deterministic_and_side_effect_free():

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
 from pretext_tasks import PretextConfigError, build_task
 from pretext_tasks import rotation
 from pretext_tasks.rotation import DEFAULTS, rotate_with_labels
 
 from pretext_helpers import (assert_nan_loss_names_task_epoch_and_iteration,
-                             assert_validation_is_deterministic_and_side_effect_free)
+                             assert_validation_is_deterministic_and_side_effect_free, assert_yaml_matches_code_defaults)
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tasks', 'rotation.yaml')
 TINY_BACKBONE = dict(type='ResNet', depth=18, out_indices=(3,), stem_channels=16, base_channels=16)
@@ -76,14 +75,7 @@ def test_view_labels_agree_end_to_end_and_the_flip_comes_before_the_rotation(mod
 
 # -- task contract --------------------------------------------------------------------------------------------
 def test_yaml_defaults_match_the_code_defaults():
-    with open(CONFIG) as handle:
-        config = yaml.safe_load(handle)
-    for key in ('epochs', 'batch_size', 'optimizer', 'lr', 'lr_range'):
-        assert key in config
-    assert config['optimizer']['type'] == 'SGD' and config['lr_range'][0] < config['lr'] < config['lr_range'][1]
-    for key, value in DEFAULTS.items():
-        expected = list(value) if isinstance(value, tuple) else value
-        assert config[key] == expected, key
+    assert_yaml_matches_code_defaults(CONFIG, DEFAULTS)
 
 
 def test_bad_config_is_rejected():
