@@ -108,7 +108,10 @@ def add_fused_row(board: Leaderboard, labels: list[str], fused: list[dict], prot
             attention.setdefault(name, []).append(float(weight))
     board.rows.append(row)
     board.rows.sort(key=lambda r: -nan_low(r.mean(board.headline)))
-    weights = ', '.join(f'{name} {np.mean(values):.2f}' for name, values in attention.items())
+    # in the order of the fused label, so a board rendered from a (key-sorted) JSON Lines export reads the same
+    rank = {name: index for index, name in enumerate(labels)}
+    names = sorted(attention, key=lambda name: rank.get(name, len(rank)))
+    weights = ', '.join(f'{name} {np.mean(attention[name]):.2f}' for name in names)
     board.notes.append(f'{label}: the {len(labels)} orderings with the highest mean val {board.headline} under '
                        f'{protocol} (chosen on val), their final backbones frozen and fused by protocol dvme, per '
                        f'seed; mean attention weight on test: {weights}.')

@@ -192,3 +192,22 @@ def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path, capsys):
     again, = load_runs(fused_store)
     assert again['downstream']['dvme']['sources'] == fused['downstream']['dvme']['sources']
     assert f'| {label} | - |' in (tmp_path / 'out' / 'leaderboard.md').read_text()
+
+
+def test_fused_row_lists_attention_in_the_fused_order_whatever_the_stored_key_order():
+    """A compact JSON Lines export sorts keys: the footer must still name the sources in the fused label's order,
+    with each source's mean weight over seeds."""
+    from curriculum.fuse_top import add_fused_row
+    from curriculum.leaderboard import Leaderboard
+
+    def fused(seed, weights):
+        metrics = {'balanced_accuracy': 0.4 + seed / 100, 'sources': ['swav', 'odc', 'rotation'],
+                   'attention': dict(sorted(weights.items()))}
+        return {'seed': seed, 'order': ['swav'], 'downstream': {'dvme': metrics}}
+
+    board = Leaderboard('linear', 'balanced_accuracy', [], 'ham10000', 'ham10000', 1.0, {})
+    row = add_fused_row(board, ['swav', 'odc', 'rotation'],
+                        [fused(1, {'swav': 0.2, 'odc': 0.3, 'rotation': 0.5}),
+                         fused(0, {'swav': 0.4, 'odc': 0.3, 'rotation': 0.3})], 'linear')
+    assert row.label == 'dvme[swav + odc + rotation]' and row.seeds == [0, 1]
+    assert board.notes[0].endswith('mean attention weight on test: swav 0.30, odc 0.30, rotation 0.40.')
