@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import CheckpointError, PlanError
 from .fusion import final_backbone_file
 from .leaderboard import METRICS, Leaderboard, Row, comparison_key, fused_label, nan_low, run_label, sweep_work_dir
 from .study_cells import board_cells
@@ -56,8 +56,9 @@ def run_folder(run: dict, work_root: str) -> str:
 def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len: int | None = None) \
         -> tuple[list[str], list[dict]]:
     """The chosen labels (:func:`top_orderings`) and one job per seed they share: ``{'seed', 'order', 'init',
-    'config', 'work_dir'}``, the config being the best ordering's stored one with protocol dvme fusing the
-    others."""
+    'config', 'work_dir', 'sources', 'missing'}``, the config being the best ordering's stored one with protocol dvme
+    fusing the others. ``missing`` is the CheckpointError of a backbone not found under ``work_root`` (None when all
+    are there): such a job can only be answered from a stored fused run (:func:`stored_fused_run`)."""
     labels = top_orderings(runs, protocol, k, max_len)
     by_seed: dict[int, dict[str, dict]] = {}
     for run in runs:
@@ -69,26 +70,44 @@ def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len:
         if not all(label in chosen for label in labels):
             continue
         first = chosen[labels[0]]
-        if first['stages']:
-            final_backbone_file(first, labels[0], work_root)   # its stages must come from the cache
         config = copy.deepcopy(first['config'])
         evaluation = config.setdefault('evaluation', {})
         evaluation['protocols'] = ['dvme']
-        evaluation['fuse'] = [run_folder(chosen[label], work_root) for label in labels[1:]]
+        missing = None
+        try:
+            if first['stages']:
+                final_backbone_file(first, labels[0], work_root)   # its stages must come from the cache
+            evaluation['fuse'] = [run_folder(chosen[label], work_root) for label in labels[1:]]
+        except CheckpointError as exc:
+            missing, evaluation['fuse'] = exc, list(labels[1:])
         name = f'dvme[{" + ".join(labels)}]'
         jobs.append({'seed': seed, 'order': ','.join(first['order']), 'init': first.get('init'), 'config': config,
-                     'work_dir': sweep_work_dir(work_root, name, seed, float(first.get('label_fraction', 1.0)))})
+                     'work_dir': sweep_work_dir(work_root, name, seed, float(first.get('label_fraction', 1.0))),
+                     'sources': list(labels), 'missing': missing})
     if not jobs:
         raise PlanError(f'--fuse-top {k}: no seed has runs of all of {", ".join(labels)}')
     return labels, jobs
 
 
+def _without_fuse_paths(config: dict) -> dict:
+    """``config`` without ``evaluation.fuse``: where the fused backbones lay is not part of what was fused (the
+    sources are matched by their labels)."""
+    config = copy.deepcopy(config)
+    (config.get('evaluation') or {}).pop('fuse', None)
+    return config
+
+
 def stored_fused_run(job: dict, results: list[dict]) -> dict | None:
-    """The stored result of ``job`` (same config but the seed, same ordering and seed), or None."""
-    probe = {'config': job['config'], 'order': job['order'].split(','), 'init': job['init'], 'seed': job['seed']}
+    """The stored result of ``job``: same config (but the seed and the fused folders' paths), same ordering, seed and
+    sources; or None. Matching without the paths lets a board be re-rendered from exports where the stage cache
+    is absent (a fresh clone)."""
+    probe = {'config': _without_fuse_paths(job['config']), 'order': job['order'].split(','), 'init': job['init']}
     for stored in results:
-        if (comparison_key(stored) == comparison_key(probe) and run_label(stored) == run_label(probe)
-                and int(stored['seed']) == job['seed']):
+        dvme = (stored.get('downstream') or {}).get('dvme') or {}
+        if (int(stored['seed']) == job['seed'] and list(dvme.get('sources') or []) == job['sources']
+                and run_label(stored) == run_label(probe)
+                and comparison_key({'config': _without_fuse_paths(stored.get('config') or {})})
+                == comparison_key(probe)):
             return stored
     return None
 

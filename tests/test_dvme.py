@@ -191,7 +191,24 @@ def test_leaderboard_fuse_top_adds_the_fused_row(tmp_path, capsys):
         assert len(err) == 1 and fragment in err[0], err
     again, = load_runs(fused_store)
     assert again['downstream']['dvme']['sources'] == fused['downstream']['dvme']['sources']
-    assert f'| {label} | - |' in (tmp_path / 'out' / 'leaderboard.md').read_text()
+    board = (tmp_path / 'out' / 'leaderboard.md').read_text()
+    assert f'| {label} | - |' in board
+    # a fresh clone: both exports but no stage cache. The board is re-rendered from the stored fused run; with no
+    # stored fused run the missing backbone stops it before anything runs
+    fused_export = tmp_path / 'fused.jsonl'
+    export_runs(load_runs(fused_store), str(fused_export))
+    empty_root = tmp_path / 'fresh-clone-root'
+    assert tool.main(['--from-results', '--results', str(export), '--work-root', str(empty_root), '--fuse-top', '2',
+                      '--fuse-protocol', 'knn', '--fuse-results', str(fused_export),
+                      '--out', str(tmp_path / 'again')]) == 0
+    assert (tmp_path / 'again' / 'leaderboard.md').read_text() == board
+    capsys.readouterr()
+    assert tool.main(['--from-results', '--results', str(export), '--work-root', str(empty_root), '--fuse-top', '2',
+                      '--fuse-protocol', 'knn', '--fuse-results', f'sqlite:///{tmp_path / "fused" / "new.db"}',
+                      '--out', str(tmp_path / 'none')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'the final backbone' in err[0] and 'is missing' in err[0], err
+    assert not (tmp_path / 'fused' / 'new.db').exists() and not empty_root.exists()
 
 
 def test_fused_row_lists_attention_in_the_fused_order_whatever_the_stored_key_order():

@@ -240,10 +240,15 @@ def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
         planned.append((board, labels, [(job, build_plan(job['order'], job['config'])) for job in jobs]))
     if not planned:
         raise skipped[0]
+    stored_runs = existing_runs(fused_url)
+    for _, _, jobs in planned:   # a run to make whose backbones are gone stops everything before any run starts
+        for job, _ in jobs:
+            if job['missing'] is not None and stored_fused_run(job, stored_runs) is None:
+                raise job['missing']
     for board, labels, jobs in planned:
         fused = []
         for job, plan in jobs:
-            stored = stored_fused_run(job, existing_runs(fused_url))
+            stored = stored_fused_run(job, stored_runs)
             if stored is None:
                 if is_jsonl(fused_url):
                     raise PlanError(f'--fuse-top: {fused_url} is a JSON Lines export; fused runs need a results '
