@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from .cache import stage_dir
 from .errors import CheckpointError, PlanError
 from .fusion import final_backbone_file
 from .leaderboard import METRICS, Leaderboard, Row, comparison_key, fused_label, nan_low, run_label, sweep_work_dir
@@ -57,7 +58,8 @@ def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len:
         -> tuple[list[str], list[dict]]:
     """The chosen labels (:func:`top_orderings`) and one job per seed they share: ``{'seed', 'order', 'init',
     'config', 'work_dir', 'sources', 'missing'}``, the config being the best ordering's stored one with protocol dvme
-    fusing the others. ``missing`` is the CheckpointError of a backbone not found under ``work_root`` (None when all
+    fusing the others, ``sources`` the names a stored fused run may give each source (:func:`_source_names`).
+    ``missing`` is the CheckpointError of a backbone not found under ``work_root`` (None when all
     are there): such a job can only be answered from a stored fused run (:func:`stored_fused_run`)."""
     labels = top_orderings(runs, protocol, k, max_len)
     by_seed: dict[int, dict[str, dict]] = {}
@@ -83,10 +85,20 @@ def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len:
         name = f'dvme[{" + ".join(labels)}]'
         jobs.append({'seed': seed, 'order': ','.join(first['order']), 'init': first.get('init'), 'config': config,
                      'work_dir': sweep_work_dir(work_root, name, seed, float(first.get('label_fraction', 1.0))),
-                     'sources': list(labels), 'missing': missing})
+                     'sources': [_source_names(chosen[label], label) for label in labels], 'missing': missing})
     if not jobs:
         raise PlanError(f'--fuse-top {k}: no seed has runs of all of {", ".join(labels)}')
     return labels, jobs
+
+
+def _source_names(run: dict, label: str) -> list[str]:
+    """The names a fused run may have recorded for source ``run``: its ordering label (a run folder), or its last
+    stage folder's name (:func:`run_folder` falls back to that folder when the sweep folder holds another run)."""
+    names = [label]
+    last = run['stages'][-1] if run.get('stages') else {}
+    if last.get('task') and last.get('key'):
+        names.append(os.path.basename(stage_dir('', last['task'], last['key'])))
+    return names
 
 
 def _without_fuse_paths(config: dict) -> dict:
@@ -104,7 +116,9 @@ def stored_fused_run(job: dict, results: list[dict]) -> dict | None:
     probe = {'config': _without_fuse_paths(job['config']), 'order': job['order'].split(','), 'init': job['init']}
     for stored in results:
         dvme = (stored.get('downstream') or {}).get('dvme') or {}
-        if (int(stored['seed']) == job['seed'] and list(dvme.get('sources') or []) == job['sources']
+        sources = list(dvme.get('sources') or [])
+        if (int(stored['seed']) == job['seed'] and len(sources) == len(job['sources'])
+                and all(name in names for name, names in zip(sources, job['sources']))
                 and run_label(stored) == run_label(probe)
                 and comparison_key({'config': _without_fuse_paths(stored.get('config') or {})})
                 == comparison_key(probe)):

@@ -228,3 +228,26 @@ def test_fused_row_lists_attention_in_the_fused_order_whatever_the_stored_key_or
                          fused(0, {'swav': 0.4, 'odc': 0.3, 'rotation': 0.3})], 'linear')
     assert row.label == 'dvme[swav + odc + rotation]' and row.seeds == [0, 1]
     assert board.notes[0].endswith('mean attention weight on test: swav 0.30, odc 0.30, rotation 0.40.')
+
+
+def test_a_stored_fused_run_is_found_by_its_sources_wherever_their_backbones_lay():
+    """Matching ignores the fused folders' paths (a fresh clone has none) but not what was fused: a source recorded
+    by its stage folder's name (the sweep folder held another run) matches, another source, seed or config does
+    not."""
+    from curriculum.fuse_top import _source_names, stored_fused_run
+
+    config = {'image_size': 32, 'evaluation': {'protocols': ['dvme'], 'fuse': ['here/moco/seed0']}}
+    moco = {'order': ['moco'], 'stages': [{'task': 'moco', 'key': 'ab12'}]}
+    job = {'seed': 0, 'order': 'swav', 'init': None, 'config': config,
+           'sources': [_source_names({'order': ['swav'], 'stages': []}, 'swav'), _source_names(moco, 'moco')]}
+
+    def stored(sources, seed=0, size=32):
+        return {'seed': seed, 'order': ['swav'], 'init': None,
+                'config': {'image_size': size, 'evaluation': {'protocols': ['dvme'], 'fuse': ['elsewhere/x']}},
+                'downstream': {'dvme': {'sources': sources}}}
+
+    assert stored_fused_run(job, [stored(['swav', 'moco'])]) is not None
+    assert stored_fused_run(job, [stored(['swav', 'moco-ab12'])]) is not None
+    for other in (stored(['swav', 'odc']), stored(['swav', 'moco-ff00']), stored(['swav']),
+                  stored(['swav', 'moco'], seed=1), stored(['swav', 'moco'], size=64)):
+        assert stored_fused_run(job, [other]) is None
