@@ -20,7 +20,7 @@ import numpy as np
 from .cache import stage_dir
 from .errors import CheckpointError, PlanError
 from .fusion import final_backbone_file
-from .leaderboard import METRICS, Leaderboard, Row, comparison_key, fused_label, nan_low, run_label, sweep_work_dir
+from .leaderboard import METRICS, Leaderboard, Row, comparison_key, nan_low, run_label, sweep_work_dir
 from .study_cells import board_cells
 
 
@@ -128,7 +128,7 @@ def stored_fused_run(job: dict, results: list[dict]) -> dict | None:
 
 def add_fused_row(board: Leaderboard, labels: list[str], fused: list[dict], protocol: str) -> Row:
     """Append the row of the fused runs (their dvme metrics) to ``board``, re-rank it and add the footer line."""
-    label = fused_label(fused[0])
+    label = f'dvme[{" + ".join(labels)}]'   # the chosen orderings, even where a run named a stage folder
     row = Row(label, (), baseline=False)
     attention: dict[str, list[float]] = {}
     for result in sorted(fused, key=lambda r: r['seed']):
@@ -137,8 +137,9 @@ def add_fused_row(board: Leaderboard, labels: list[str], fused: list[dict], prot
             row.values.setdefault(metric, []).append(metrics.get(metric))
         row.cis.append(metrics.get(f'{board.headline}_ci') or [])
         row.seeds.append(result['seed'])
+        as_label = dict(zip(metrics.get('sources') or [], labels))   # a stage folder's name -> its ordering
         for name, weight in (metrics.get('attention') or {}).items():
-            attention.setdefault(name, []).append(float(weight))
+            attention.setdefault(as_label.get(name, name), []).append(float(weight))
     board.rows.append(row)
     board.rows.sort(key=lambda r: -nan_low(r.mean(board.headline)))
     # in the order of the fused label, so a board rendered from a (key-sorted) JSON Lines export reads the same

@@ -228,6 +228,13 @@ def test_fused_row_lists_attention_in_the_fused_order_whatever_the_stored_key_or
                          fused(0, {'swav': 0.4, 'odc': 0.3, 'rotation': 0.3})], 'linear')
     assert row.label == 'dvme[swav + odc + rotation]' and row.seeds == [0, 1]
     assert board.notes[0].endswith('mean attention weight on test: swav 0.30, odc 0.30, rotation 0.40.')
+    # a run that fused odc's last stage folder names it so; the row and its footer still name the ordering
+    by_folder = fused(2, {'swav': 0.2, 'odc-ab12': 0.2, 'rotation': 0.6})
+    by_folder['downstream']['dvme']['sources'] = ['swav', 'odc-ab12', 'rotation']
+    board = Leaderboard('linear', 'balanced_accuracy', [], 'ham10000', 'ham10000', 1.0, {})
+    row = add_fused_row(board, ['swav', 'odc', 'rotation'], [by_folder], 'linear')
+    assert row.label == 'dvme[swav + odc + rotation]'
+    assert board.notes[0].endswith('mean attention weight on test: swav 0.20, odc 0.20, rotation 0.60.')
 
 
 def test_a_stored_fused_run_is_found_by_its_sources_wherever_their_backbones_lay():
