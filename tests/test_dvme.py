@@ -7,19 +7,14 @@ import copy
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from benchmarks.datasets.base import ArrayImageSource, ImageRecords
-from benchmarks.datasets.prepared import PreparedDataset
 from benchmarks.protocols import evaluate
 from benchmarks.protocols.dvme import MetaEmbeddingClassifier, source_names
-from test_protocols import blob_images
+from test_protocols import blob_dataset
 from tool_loader import load_tool
-
-SIZE = 16
 
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
@@ -27,11 +22,7 @@ pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 @pytest.fixture(scope='module')
 def blobs(tmp_path_factory):
-    rng = np.random.RandomState(3)
-    labels = np.repeat([0, 1, 2], [150, 100, 70])
-    images = blob_images(len(labels), [[c] for c in labels], rng)
-    records = ImageRecords('blobs', '', ['red', 'green', 'blue'], labels, ArrayImageSource(images, 'blobs-dvme-v1'))
-    return PreparedDataset(records, image_size=SIZE, seed=0, cache_dir=str(tmp_path_factory.mktemp('cache')))
+    return blob_dataset([150, 100, 70], 3, 'blobs-dvme-v1', str(tmp_path_factory.mktemp('cache')))
 
 
 @pytest.fixture(scope='module')

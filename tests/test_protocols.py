@@ -25,16 +25,22 @@ def blob_images(count, blobs_per_image, rng):
     return images.clip(0, 255).astype(np.uint8)
 
 
+def blob_dataset(counts, seed: int, source_id: str, cache_dir: str) -> PreparedDataset:
+    """One red, green or blue blob per image, ``counts`` images of each class (noise from ``seed``), prepared at
+    ``SIZE`` px; ``source_id`` names the images in the preparation cache."""
+    rng = np.random.RandomState(seed)
+    labels = np.repeat([0, 1, 2], counts)
+    images = blob_images(len(labels), [[c] for c in labels], rng)
+    records = ImageRecords('blobs', '', ['red', 'green', 'blue'], labels, ArrayImageSource(images, source_id))
+    return PreparedDataset(records, image_size=SIZE, seed=0, cache_dir=cache_dir)
+
+
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
 def single_label(tmp_path_factory):
-    rng = np.random.RandomState(0)
-    labels = np.repeat([0, 1, 2], [100, 60, 40])         # imbalanced
-    images = blob_images(len(labels), [[c] for c in labels], rng)
-    records = ImageRecords('blobs', '', ['red', 'green', 'blue'], labels, ArrayImageSource(images, 'blobs-v1'))
-    return PreparedDataset(records, image_size=SIZE, seed=0, cache_dir=str(tmp_path_factory.mktemp('cache')))
+    return blob_dataset([100, 60, 40], 0, 'blobs-v1', str(tmp_path_factory.mktemp('cache')))   # imbalanced
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ from benchmarks.protocols.adaptation import (METHODS, DomainConditionedAttention
                                              feature_regularizer, mmd2, reverse_gradient)
 from benchmarks.protocols.uda import ClassMatchError, match_classes
 from layout_fixtures import write_medmnist
-from test_protocols import blob_images
+from test_protocols import blob_dataset, blob_images
 from tool_loader import load_tool
 
 SIZE = 16
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
-    rng = np.random.RandomState(0)
-    labels = np.repeat([0, 1, 2], [100, 60, 40])
-    images = blob_images(len(labels), [[c] for c in labels], rng)
-    records = ImageRecords('blobs', '', ['red', 'green', 'blue'], labels, ArrayImageSource(images, 'uda-source-v1'))
-    return PreparedDataset(records, SIZE, 0, str(tmp_path_factory.mktemp('cache')))
+    return blob_dataset([100, 60, 40], 0, 'uda-source-v1', str(tmp_path_factory.mktemp('cache')))
 
 
 @pytest.fixture(scope='module')
