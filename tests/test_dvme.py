@@ -13,7 +13,7 @@ from torch import nn
 
 from benchmarks.protocols import evaluate
 from benchmarks.protocols.dvme import MetaEmbeddingClassifier, source_names
-from test_protocols import blob_dataset
+from test_protocols import blob_dataset, tiny_resnet
 from tool_loader import load_tool
 
 
@@ -27,11 +27,7 @@ def blobs(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def backbone():
-    from mmpretrain.models import ResNet
-    torch.manual_seed(0)
-    model = ResNet(depth=18, stem_channels=16, base_channels=16)
-    model.eval()
-    return model
+    return tiny_resnet()
 
 
 class NoiseBackbone(nn.Module):

@@ -56,13 +56,18 @@ def multi_label(tmp_path_factory):
     return PreparedDataset(records, image_size=SIZE, seed=0, cache_dir=str(tmp_path_factory.mktemp('cache')))
 
 
-@pytest.fixture(scope='module')
-def backbone():
+def tiny_resnet():
+    """A ResNet-18 of 16 base channels, seed 0, in eval mode: the frozen backbone of the protocol tests."""
     from mmpretrain.models import ResNet
     torch.manual_seed(0)
     model = ResNet(depth=18, stem_channels=16, base_channels=16)
     model.eval()  # mmpretrain's ResNet.train() returns None, so no chaining
     return model
+
+
+@pytest.fixture(scope='module')
+def backbone():
+    return tiny_resnet()
 
 
 def splits_of(dataset):

@@ -16,7 +16,7 @@ from benchmarks.protocols.adaptation import (METHODS, DomainConditionedAttention
                                              feature_regularizer, mmd2, reverse_gradient)
 from benchmarks.protocols.uda import ClassMatchError, match_classes
 from layout_fixtures import write_medmnist
-from test_protocols import blob_dataset, blob_images
+from test_protocols import blob_dataset, blob_images, tiny_resnet
 from tool_loader import load_tool
 
 SIZE = 16
@@ -42,11 +42,7 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def backbone():
-    from mmpretrain.models import ResNet
-    torch.manual_seed(0)
-    model = ResNet(depth=18, stem_channels=16, base_channels=16)
-    model.eval()
-    return model
+    return tiny_resnet()
 
 
 # -- the pieces ------------------------------------------------------------------------------------------------
