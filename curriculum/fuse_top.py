@@ -20,7 +20,7 @@ import numpy as np
 from .cache import stage_dir
 from .errors import CheckpointError, PlanError
 from .fusion import final_backbone_file
-from .leaderboard import METRICS, Leaderboard, Row, comparison_key, nan_low, run_label, sweep_work_dir
+from .leaderboard import METRICS, Leaderboard, Row, comparison_key, dvme_label, nan_low, run_label, sweep_work_dir
 from .study_cells import board_cells
 
 
@@ -82,7 +82,7 @@ def fused_jobs(runs: list[dict], protocol: str, k: int, work_root: str, max_len:
             evaluation['fuse'] = [run_folder(chosen[label], work_root) for label in labels[1:]]
         except CheckpointError as exc:
             missing, evaluation['fuse'] = exc, list(labels[1:])
-        name = f'dvme[{" + ".join(labels)}]'
+        name = dvme_label(labels)
         jobs.append({'seed': seed, 'order': ','.join(first['order']), 'init': first.get('init'), 'config': config,
                      'work_dir': sweep_work_dir(work_root, name, seed, float(first.get('label_fraction', 1.0))),
                      'sources': [_source_names(chosen[label], label) for label in labels], 'missing': missing})
@@ -104,9 +104,8 @@ def _source_names(run: dict, label: str) -> list[str]:
 def _without_fuse_paths(config: dict) -> dict:
     """``config`` without ``evaluation.fuse``: where the fused backbones lay is not part of what was fused (the
     sources are matched by their labels)."""
-    config = copy.deepcopy(config)
-    (config.get('evaluation') or {}).pop('fuse', None)
-    return config
+    evaluation = {key: value for key, value in (config.get('evaluation') or {}).items() if key != 'fuse'}
+    return {**config, 'evaluation': evaluation}
 
 
 def stored_fused_run(job: dict, results: list[dict]) -> dict | None:
@@ -114,21 +113,21 @@ def stored_fused_run(job: dict, results: list[dict]) -> dict | None:
     sources; or None. Matching without the paths lets a board be re-rendered from exports where the stage cache
     is absent (a fresh clone)."""
     probe = {'config': _without_fuse_paths(job['config']), 'order': job['order'].split(','), 'init': job['init']}
+    key = comparison_key(probe)
     for stored in results:
         dvme = (stored.get('downstream') or {}).get('dvme') or {}
         sources = list(dvme.get('sources') or [])
         if (int(stored['seed']) == job['seed'] and len(sources) == len(job['sources'])
                 and all(name in names for name, names in zip(sources, job['sources']))
                 and run_label(stored) == run_label(probe)
-                and comparison_key({'config': _without_fuse_paths(stored.get('config') or {})})
-                == comparison_key(probe)):
+                and comparison_key({'config': _without_fuse_paths(stored.get('config') or {})}) == key):
             return stored
     return None
 
 
 def add_fused_row(board: Leaderboard, labels: list[str], fused: list[dict], protocol: str) -> Row:
     """Append the row of the fused runs (their dvme metrics) to ``board``, re-rank it and add the footer line."""
-    label = f'dvme[{" + ".join(labels)}]'   # the chosen orderings, even where a run named a stage folder
+    label = dvme_label(labels)   # the chosen orderings, even where a run named a stage folder
     row = Row(label, (), baseline=False)
     attention: dict[str, list[float]] = {}
     for result in sorted(fused, key=lambda r: r['seed']):

@@ -76,10 +76,14 @@ def is_fused(result: dict) -> bool:
     return bool(((result.get('config') or {}).get('evaluation') or {}).get('fuse'))
 
 
-def fused_label(result: dict) -> str:
-    """The row label of a run's dvme result: ``dvme[odc,moco + moco + odc]`` (its sources, this run first)."""
-    sources = (((result.get('downstream') or {}).get('dvme') or {}).get('sources')) or [run_label(result)]
+def dvme_label(sources: list[str]) -> str:
+    """The row label of a fusion of ``sources``: ``dvme[odc,moco + moco + odc]``."""
     return f'dvme[{" + ".join(sources)}]'
+
+
+def fused_label(result: dict) -> str:
+    """The row label of a run's dvme result (its sources, this run first)."""
+    return dvme_label((((result.get('downstream') or {}).get('dvme') or {}).get('sources')) or [run_label(result)])
 
 
 @dataclass

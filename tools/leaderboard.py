@@ -241,14 +241,14 @@ def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
     if not planned:
         raise skipped[0]
     stored_runs = existing_runs(fused_url)
-    for _, _, jobs in planned:   # a run to make whose backbones are gone stops everything before any run starts
-        for job, _ in jobs:
-            if job['missing'] is not None and stored_fused_run(job, stored_runs) is None:
+    for index, (board, labels, jobs) in enumerate(planned):   # each job's stored run, found once
+        planned[index] = (board, labels, [(job, plan, stored_fused_run(job, stored_runs)) for job, plan in jobs])
+        for job, _, stored in planned[index][2]:   # a run to make whose backbones are gone stops before any runs
+            if stored is None and job['missing'] is not None:
                 raise job['missing']
     for board, labels, jobs in planned:
         fused = []
-        for job, plan in jobs:
-            stored = stored_fused_run(job, stored_runs)
+        for job, plan, stored in jobs:
             if stored is None:
                 if is_jsonl(fused_url):
                     raise PlanError(f'--fuse-top: {fused_url} is a JSON Lines export; fused runs need a results '
