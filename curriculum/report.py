@@ -48,6 +48,8 @@ class Study:
     seeds: list[int]
     label_fractions: list[float]
     baselines: list[str]
+    superseded_by: str | None = None   # the study that replaces this one in the report (kept for the record)
+    superseded_why: str = ''
 
 
 @dataclass
@@ -85,8 +87,16 @@ def load_experiment(path: str) -> Experiment:
     baselines = section.get('baselines', ['none'])
     if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
         raise PlanError(f'{path}: study.baselines must be a list ("none" and/or weight files)')
+    superseded_by = section.get('superseded_by')
+    if superseded_by is not None and (not isinstance(superseded_by, str) or superseded_by == name
+                                      or not re.fullmatch(r'[A-Za-z0-9_.-]+', superseded_by)):
+        raise PlanError(f'{path}: study.superseded_by must name another study, got {superseded_by!r}')
+    why = section.get('superseded_why', '')
+    if not isinstance(why, str) or (why and superseded_by is None):
+        raise PlanError(f'{path}: study.superseded_why is one line of text, given with study.superseded_by')
     return Experiment(os.path.abspath(path), config,
-                      Study(name, orders, list(seeds), [float(f) for f in fractions], list(baselines)))
+                      Study(name, orders, list(seeds), [float(f) for f in fractions], list(baselines),
+                            superseded_by, why.strip()))
 
 
 # --- statistics over seeds -------------------------------------------------------------------------------------
@@ -371,6 +381,51 @@ def _planned_only(experiments_dir: str | None, stored: dict) -> list[tuple[str, 
     return out
 
 
+def _superseded(experiments_dir: str | None, names: set[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (successor, why)`` for the experiment files in ``experiments_dir`` that name a successor
+    (``study.superseded_by``); a successor that no experiment file or stored study defines is a plan error."""
+    if not experiments_dir:
+        return {}
+    studies = [load_experiment(path).study for path in sorted(glob.glob(os.path.join(experiments_dir, '*.yaml')))]
+    known = names | {study.name for study in studies}
+    out = {}
+    for study in studies:
+        if study.superseded_by:
+            if study.superseded_by not in known:
+                raise PlanError(f'study {study.name}: superseded_by names {study.superseded_by!r}, which no '
+                                f'experiment file in {experiments_dir} or stored study defines')
+            out[study.name] = (study.superseded_by, study.superseded_why)
+    return out
+
+
+def _experiment_section(results_dir: str, name: str, runs: list[dict]) -> list[str]:
+    """One study's part of the report below its heading: set-up, findings, the source study's table,
+    leaderboards, compute and external evaluations."""
+    parts = ['### Set-up', '', *_setup_lines(name, runs), '']
+    missing = _missing_cells(runs)
+    if missing:
+        parts += [f'**Incomplete:** {len(missing)} planned run(s) are not stored yet: '
+                  + ', '.join(missing[:12]) + (' …' if len(missing) > 12 else '') + '.', '']
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(comparison_key(run), []).append(run)
+    parts += ['### Findings', '']
+    for key in sorted(groups, key=lambda k: -float(groups[k][0].get('label_fraction', 1.0))):
+        group = groups[key]
+        fraction = float(group[0].get('label_fraction', 1.0))
+        for protocol in sorted({p for r in group for p in r.get('downstream', {})}):
+            parts.append(f'**{protocol}, label fraction {fraction:g}**')
+            parts.append('')
+            parts += findings(group, protocol) or ['- not enough runs for a comparison yet.']
+            parts.append('')
+    evaluation = (_latest(runs).get('config') or {}).get('evaluation') or {}
+    parts += source_section(name, runs, _finetune_budget(evaluation))
+    boards = render_markdown(build_leaderboards(runs)).replace('### ', '#### ')
+    parts += ['### Leaderboards', '', boards.rstrip('\n'), '', *compute_table(runs)]
+    parts += external_section(results_dir, name)
+    return parts
+
+
 def render_report(results_dir: str, out_dir: str, discussion_path: str | None = None,
                   experiments_dir: str | None = None) -> str:
     """The text of ``docs/results.md`` from the exports in ``results_dir``; the label-efficiency PNG is written to
@@ -388,33 +443,22 @@ def render_report(results_dir: str, out_dir: str, discussion_path: str | None = 
              'bootstrap over test images for a single seed). The "best multi-task ordering" and the "best single '
              'task" are chosen on the **validation** split, then reported on the test split, so the comparison is '
              'not tuned on test.', '']
-    for name, runs in experiments.items():
-        parts += [f'## {name}', '', '### Set-up', '', *_setup_lines(name, runs), '']
-        missing = _missing_cells(runs)
-        if missing:
-            parts += [f'**Incomplete:** {len(missing)} planned run(s) are not stored yet: '
-                      + ', '.join(missing[:12]) + (' …' if len(missing) > 12 else '') + '.', '']
-        groups: dict[str, list[dict]] = {}
-        for run in runs:
-            groups.setdefault(comparison_key(run), []).append(run)
-        parts += ['### Findings', '']
-        for key in sorted(groups, key=lambda k: -float(groups[k][0].get('label_fraction', 1.0))):
-            group = groups[key]
-            fraction = float(group[0].get('label_fraction', 1.0))
-            for protocol in sorted({p for r in group for p in r.get('downstream', {})}):
-                parts.append(f'**{protocol}, label fraction {fraction:g}**')
-                parts.append('')
-                parts += findings(group, protocol) or ['- not enough runs for a comparison yet.']
-                parts.append('')
-        evaluation = (_latest(runs).get('config') or {}).get('evaluation') or {}
-        parts += source_section(name, runs, _finetune_budget(evaluation))
-        boards = render_markdown(build_leaderboards(runs)).replace('### ', '#### ')
-        parts += ['### Leaderboards', '', boards.rstrip('\n'), '', *compute_table(runs)]
-        parts += external_section(results_dir, name)
+    superseded = _superseded(experiments_dir, set(experiments))
+    # current studies (stored, then planned) first; a superseded one follows them, marked, and stays out of the
+    # label-efficiency plot
+    current = {name: runs for name, runs in experiments.items() if name not in superseded}
+    for name, runs in current.items():
+        parts += [f'## {name}', '', *_experiment_section(results_dir, name, runs)]
     for name, path in _planned_only(experiments_dir, experiments):
         parts += [f'## {name}', '', f'**Not run yet.** Planned in `{path}`; run it with '
                   f'`python tools/study.py run {path}`.', '']
-    if _plot_label_efficiency(experiments, os.path.join(out_dir, PLOT_FILE)):
+    for name, runs in experiments.items():
+        if name in superseded:
+            successor, why = superseded[name]
+            parts += [f'## {name}', '',
+                      f'**Superseded** by [`{successor}`](#{successor.replace(".", "")}) and kept for the record'
+                      + (f': {why}' if why else '.'), '', *_experiment_section(results_dir, name, runs)]
+    if _plot_label_efficiency(current, os.path.join(out_dir, PLOT_FILE)):
         parts += ['## Label efficiency', '', f'![label efficiency]({PLOT_FILE})', '',
                   'Test headline metric (mean over seeds, error bars: Student-t 95% CI) against the labeled '
                   'fraction of the training split (drawn per class; log scale), one panel per experiment and '

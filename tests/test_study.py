@@ -375,6 +375,39 @@ def test_an_empty_export_is_a_study_not_run_yet_and_export_writes_none(tmp_path)
     assert not (results / 'nothing.jsonl').exists()
 
 
+def _export_two_fractions(results, name):
+    runs = [_run(r['order'], r['seed'], r['downstream']['linear']['balanced_accuracy'],
+                 r['downstream']['linear']['val']['balanced_accuracy'], fraction, name)
+            for fraction in (1.0, 0.1) for r in _toy_runs()]
+    assert export_runs(runs, str(results / f'{name}.jsonl')) == 30   # 15 runs a fraction, none a repeat
+
+
+def test_a_superseded_study_follows_its_successor_marked_and_stays_out_of_the_plot(tmp_path):
+    results, experiments = tmp_path / 'results', tmp_path / 'experiments'
+    results.mkdir(), experiments.mkdir()
+    _export_two_fractions(results, 'aaa-old')   # sorts first by name
+    (experiments / 'old.yaml').write_text('study: {name: aaa-old, orders: [moco], superseded_by: zzz-new,\n'
+                                          '        superseded_why: "its stages were too short."}\n')
+    (experiments / 'new.yaml').write_text('study: {name: zzz-new, orders: [moco]}\n')
+    text = render_report(str(results), str(tmp_path), None, str(experiments))
+    assert text.index('## zzz-new') < text.index('## aaa-old')   # the successor (not run yet) comes first
+    assert ('## aaa-old\n\n**Superseded** by [`zzz-new`](#zzz-new) and kept for the record: its stages were too '
+            'short.') in text
+    assert '## Label efficiency' not in text and not (tmp_path / 'results_label_efficiency.png').exists()
+    _export_two_fractions(results, 'zzz-new')
+    text = render_report(str(results), str(tmp_path), None, str(experiments))
+    assert text.index('## zzz-new') < text.index('## aaa-old') < text.index('## Label efficiency')
+    assert text.count('**Superseded**') == 1 and (tmp_path / 'results_label_efficiency.png').stat().st_size > 1000
+
+    (experiments / 'old.yaml').write_text('study: {name: aaa-old, orders: [moco], superseded_by: nowhere}\n')
+    with pytest.raises(PlanError, match="superseded_by names 'nowhere', which no experiment file"):
+        render_report(str(results), str(tmp_path), None, str(experiments))
+    for bad in ('superseded_by: aaa-old', 'superseded_by: [x]', 'superseded_why: "no successor named"'):
+        (experiments / 'old.yaml').write_text(f'study: {{name: aaa-old, orders: [moco], {bad}}}\n')
+        with pytest.raises(PlanError, match='superseded_'):
+            load_experiment(str(experiments / 'old.yaml'))
+
+
 def test_setup_line_lists_the_epochs_of_the_studys_own_tasks_only():
     """A config's tasks: section carries every recipe's defaults; the set-up line names the study's tasks."""
     from curriculum.report import _setup_lines
