@@ -5,7 +5,8 @@ on any machine and compared byte for byte. It holds, per experiment: the set-up 
 best multi-task ordering, chosen on the validation split, against training from scratch and against the best
 single task, with paired 95 % CIs over seeds), whether the curriculum label predicts the gain, the source study's
 Table 1 beside ours, the leaderboards of :mod:`curriculum.leaderboard`, the compute of each row, a label-efficiency
-plot, reference numbers from the literature, and the hand-written discussion ``docs/results_discussion.md``. The
+plot, reference numbers from the literature, and the hand-written discussion ``docs/results_discussion.md``. A
+study whose experiment file names a successor (``study.superseded_by``) follows the current ones, marked. The
 statistics and tables beyond the findings are computed in :mod:`curriculum.study_analysis`. Written here: no
 library knows this study's layout.
 """
