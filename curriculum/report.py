@@ -42,6 +42,9 @@ REFERENCES = [
 ]
 
 
+STUDY_NAME = re.compile(r'[A-Za-z0-9_.-]+')   # a study's name is a file name (its export) and a heading
+
+
 @dataclass
 class Study:
     name: str
@@ -67,7 +70,7 @@ def load_experiment(path: str) -> Experiment:
     if not isinstance(section, dict):
         raise PlanError(f'{path}: no "study:" section (name, orders, seeds, label_fractions, baselines)')
     name = str(section.get('name') or '')
-    if not re.fullmatch(r'[A-Za-z0-9_.-]+', name):
+    if not STUDY_NAME.fullmatch(name):
         raise PlanError(f'{path}: study.name must be letters, digits, "_", "-" or ".", got {name!r}')
     orders_text = section.get('orders') or []
     if not isinstance(orders_text, list) or not orders_text:
@@ -90,7 +93,7 @@ def load_experiment(path: str) -> Experiment:
         raise PlanError(f'{path}: study.baselines must be a list ("none" and/or weight files)')
     superseded_by = section.get('superseded_by')
     if superseded_by is not None and (not isinstance(superseded_by, str) or superseded_by == name
-                                      or not re.fullmatch(r'[A-Za-z0-9_.-]+', superseded_by)):
+                                      or not STUDY_NAME.fullmatch(superseded_by)):
         raise PlanError(f'{path}: study.superseded_by must name another study, got {superseded_by!r}')
     why = section.get('superseded_why', '')
     if not isinstance(why, str) or (why and superseded_by is None):
@@ -369,32 +372,25 @@ def _plot_label_efficiency(experiments: dict[str, list[dict]], path: str) -> boo
     return True
 
 
-def _planned_only(experiments_dir: str | None, stored: dict) -> list[tuple[str, str]]:
-    """``(name, path)`` of the experiment files in ``experiments_dir`` that have no stored runs yet."""
+def _experiment_files(experiments_dir: str | None) -> list[tuple[str, Study]]:
+    """``(path relative to the repository, study)`` of every experiment file in ``experiments_dir``."""
     if not experiments_dir:
         return []
     root = os.path.dirname(os.path.dirname(os.path.abspath(experiments_dir)))  # the repository
-    out = []
-    for path in sorted(glob.glob(os.path.join(experiments_dir, '*.yaml'))):
-        name = load_experiment(path).study.name
-        if name not in stored:
-            out.append((name, os.path.relpath(os.path.abspath(path), root)))
-    return out
+    return [(os.path.relpath(os.path.abspath(path), root), load_experiment(path).study)
+            for path in sorted(glob.glob(os.path.join(experiments_dir, '*.yaml')))]
 
 
-def _superseded(experiments_dir: str | None, names: set[str]) -> dict[str, tuple[str, str]]:
-    """``name -> (successor, why)`` for the experiment files in ``experiments_dir`` that name a successor
-    (``study.superseded_by``); a successor that no experiment file or stored study defines is a plan error."""
-    if not experiments_dir:
-        return {}
-    studies = [load_experiment(path).study for path in sorted(glob.glob(os.path.join(experiments_dir, '*.yaml')))]
-    known = names | {study.name for study in studies}
+def _superseded(files: list[tuple[str, Study]], names: set[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (successor, why)`` for the experiment files that name a successor (``study.superseded_by``); a
+    successor that no experiment file or stored study defines is a plan error."""
+    known = names | {study.name for _, study in files}
     out = {}
-    for study in studies:
+    for path, study in files:
         if study.superseded_by:
             if study.superseded_by not in known:
-                raise PlanError(f'study {study.name}: superseded_by names {study.superseded_by!r}, which no '
-                                f'experiment file in {experiments_dir} or stored study defines')
+                raise PlanError(f'{path}: study.superseded_by names {study.superseded_by!r}, which no experiment '
+                                'file or stored study defines')
             out[study.name] = (study.superseded_by, study.superseded_why)
     return out
 
@@ -444,21 +440,22 @@ def render_report(results_dir: str, out_dir: str, discussion_path: str | None = 
              'bootstrap over test images for a single seed). The "best multi-task ordering" and the "best single '
              'task" are chosen on the **validation** split, then reported on the test split, so the comparison is '
              'not tuned on test.', '']
-    superseded = _superseded(experiments_dir, set(experiments))
+    files = _experiment_files(experiments_dir)
+    superseded = _superseded(files, set(experiments))
     # current studies (stored, then planned) first; a superseded one follows them, marked, and stays out of the
     # label-efficiency plot
     current = {name: runs for name, runs in experiments.items() if name not in superseded}
     for name, runs in current.items():
         parts += [f'## {name}', '', *_experiment_section(results_dir, name, runs)]
-    for name, path in _planned_only(experiments_dir, experiments):
-        parts += [f'## {name}', '', f'**Not run yet.** Planned in `{path}`; run it with '
-                  f'`python tools/study.py run {path}`.', '']
-    for name, runs in experiments.items():
-        if name in superseded:
-            successor, why = superseded[name]
+    for path, study in files:
+        if study.name not in experiments:
+            parts += [f'## {study.name}', '', f'**Not run yet.** Planned in `{path}`; run it with '
+                      f'`python tools/study.py run {path}`.', '']
+    for name, (successor, why) in superseded.items():
+        if name in experiments:
             parts += [f'## {name}', '',
                       f'**Superseded** by [`{successor}`](#{successor.replace(".", "")}) and kept for the record'
-                      + (f': {why}' if why else '.'), '', *_experiment_section(results_dir, name, runs)]
+                      + (f': {why}' if why else '.'), '', *_experiment_section(results_dir, name, experiments[name])]
     if _plot_label_efficiency(current, os.path.join(out_dir, PLOT_FILE)):
         parts += ['## Label efficiency', '', f'![label efficiency]({PLOT_FILE})', '',
                   'Test headline metric (mean over seeds, error bars: Student-t 95% CI) against the labeled '

@@ -241,9 +241,10 @@ def add_fused_rows(args, boards, base: list[dict], results_url: str) -> None:
     if not planned:
         raise skipped[0]
     stored_runs = existing_runs(fused_url)
-    for index, (board, labels, jobs) in enumerate(planned):   # each job's stored run, found once
-        planned[index] = (board, labels, [(job, plan, stored_fused_run(job, stored_runs)) for job, plan in jobs])
-        for job, _, stored in planned[index][2]:   # a run to make whose backbones are gone stops before any runs
+    planned = [(board, labels, [(job, plan, stored_fused_run(job, stored_runs)) for job, plan in jobs])
+               for board, labels, jobs in planned]   # each job's stored run, found once
+    for _, _, jobs in planned:   # a run to make whose backbones are gone stops everything before any run starts
+        for job, _, stored in jobs:
             if stored is None and job['missing'] is not None:
                 raise job['missing']
     for board, labels, jobs in planned:
