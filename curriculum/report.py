@@ -3,9 +3,10 @@
 The report is rendered from compact JSON Lines exports of the results store only, so it can be rebuilt in seconds
 on any machine and compared byte for byte. It holds, per experiment: the set-up as run, computed findings (the
 best multi-task ordering, chosen on the validation split, against training from scratch and against the best
-single task, with paired 95 % CIs over seeds), whether the curriculum label predicts the gain, the source study's
-Table 1 beside ours, the leaderboards of :mod:`curriculum.leaderboard`, the compute of each row, a label-efficiency
-plot, reference numbers from the literature, and the hand-written discussion ``docs/results_discussion.md``. A
+single task, with paired 95 % CIs over seeds; and, unselected, every multi-task ordering against both), whether
+the curriculum label predicts the gain, the source study's Table 1 beside ours, the leaderboards of
+:mod:`curriculum.leaderboard`, the compute of each row, a label-efficiency plot, reference numbers from the
+literature, and the hand-written discussion ``docs/results_discussion.md``. A
 study whose experiment file names a successor (``study.superseded_by``) follows the current ones, marked. The
 statistics and tables beyond the findings are computed in :mod:`curriculum.study_analysis`. Written here: no
 library knows this study's layout.
@@ -162,6 +163,30 @@ def _compare(a: Cell, b: Cell) -> str:
             f'(bootstrap 95% CIs over test images) {"overlap: no clear difference" if overlap else "do not overlap"}')
 
 
+def every_ordering_vs(cells: list[Cell], reference: Cell, reference_title: str) -> str:
+    """Every ordering of ``cells`` against ``reference``, paired over seeds: how many intervals lie above 0, below 0
+    or contain it. The unselected view beside the chosen-on-val comparison (a best-on-val ordering may owe its rank
+    to noise); the intervals are not corrected for the number of comparisons, which the line says."""
+    verdicts: dict[str, list[str]] = {'better': [], 'worse': [], 'none': [], 'unpaired': []}
+    for cell in sorted(cells, key=lambda c: c.label):
+        mean, low, high, n = paired_difference(cell.test, reference.test)
+        if n < MIN_SEEDS_FOR_VERDICT or not (math.isfinite(low) and math.isfinite(high)):
+            verdicts['unpaired'].append(cell.label)
+        elif low > 0 or high < 0:
+            verdicts['better' if low > 0 else 'worse'].append(f'{cell.label} {_signed_ci(mean, low, high)}')
+        else:
+            verdicts['none'].append(cell.label)
+    parts = [f'CI above 0: {len(verdicts["better"])}' + (f' ({"; ".join(verdicts["better"])})'
+                                                          if verdicts['better'] else ''),
+             f'CI below 0: {len(verdicts["worse"])}' + (f' ({"; ".join(verdicts["worse"])})'
+                                                         if verdicts['worse'] else ''),
+             f'CI contains 0: {len(verdicts["none"])}']
+    if verdicts['unpaired']:
+        parts.append(f'fewer than {MIN_SEEDS_FOR_VERDICT} paired seeds, no verdict: {len(verdicts["unpaired"])}')
+    return (f'- Every multi-task ordering vs {reference_title} (paired 95% CIs over seeds, points; not corrected '
+            f'for the {len(cells)} comparisons): ' + '; '.join(parts) + '.')
+
+
 def findings(runs: list[dict], protocol: str) -> list[str]:
     """Computed statements for one board: best multi-task ordering (chosen on val) vs scratch and vs the best single
     task (chosen on val), with paired 95 % CIs over seeds; and the mean gain by curriculum label."""
@@ -186,6 +211,11 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
     if single and scratch:
         top = chosen['best_single']
         lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')
+    if multi and scratch:
+        lines.append(every_ordering_vs(multi, scratch, 'from scratch'))
+    if multi and single:
+        top = chosen['best_single']
+        lines.append(every_ordering_vs(multi, top, f'the best single task ({top.label}, chosen on val)'))
     scores = {c.order[0]: c.test_mean() for c in single}
     by_label: dict[str, list[float]] = {}
     for cell in multi:

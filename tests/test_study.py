@@ -56,6 +56,27 @@ def test_findings_choose_on_val_and_state_paired_intervals():
     assert 'C: +10.20 over 1 ordering(s)' in lines and 'AC: -3.00 over 1 ordering(s)' in lines
 
 
+def test_every_ordering_is_compared_with_scratch_unselected():
+    """Beside the chosen-on-val ordering, every ordering gets its paired verdict against scratch: on the toy board
+    both orderings beat scratch on every seed (a,b by 0.20 + 0.002·seed, b,a by exactly 0.12)."""
+    lines = findings(_toy_runs(), 'linear')
+    line = next(text for text in lines if text.startswith('- Every multi-task ordering vs from scratch'))
+    assert line == ('- Every multi-task ordering vs from scratch (paired 95% CIs over seeds, points; not corrected '
+                    'for the 2 comparisons): CI above 0: 2 (a,b +20.20 [+19.70, +20.70]; b,a +12.00 [+12.00, '
+                    '+12.00]); CI below 0: 0; CI contains 0: 0.')
+    line = next(text for text in lines if text.startswith('- Every multi-task ordering vs the best single task'))
+    assert line.startswith('- Every multi-task ordering vs the best single task (b, chosen on val) (paired')
+    assert 'CI above 0: 1 (a,b +5.20 [+4.70, +5.70]); CI below 0: 1 (b,a -3.00 [-3.00, -3.00]);' in line
+    # a worse ordering and one with too few seeds
+    runs = [r for r in _toy_runs() if r['order'] != ['a', 'b']]
+    runs += [_run(['a', 'b'], seed, 0.40 + 0.01 * seed, 0.69) for seed in range(3)]
+    runs += [_run(['a', 'b', 'a'], 0, 0.9, 0.5)]
+    line = next(text for text in findings(runs, 'linear') if text.startswith('- Every multi-task'))
+    assert 'not corrected for the 3 comparisons' in line
+    assert 'CI below 0: 1 (a,b ' in line and 'CI above 0: 1 (b,a ' in line
+    assert line.endswith('CI contains 0: 0; fewer than 3 paired seeds, no verdict: 1.')
+
+
 def test_two_seeds_give_an_interval_but_no_verdict():
     """Two seeds whose differences happen to be equal give a zero-width t-interval: it must not read as 'worse'."""
     two_seeds = [r for r in _toy_runs() if r['seed'] < 2]
