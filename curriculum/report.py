@@ -27,7 +27,7 @@ from .errors import PlanError
 from .external_study import external_section
 from .leaderboard import build_leaderboards, comparison_key, curriculum_label, render_markdown, run_label
 from .plan import parse_order, read_yaml
-from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line,
+from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line, distinct_stages,
                              label_efficiency_series, source_section)
 from .study_cells import Cell, board_cells, protocol_runs, select_on_val
 
@@ -265,8 +265,6 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
                for task in (order.split(',') if isinstance(order, str) else order)}
     # the study's own tasks: a config's tasks: section also carries every recipe's defaults
     tasks = sorted(task for task in epochs if task in planned | used or not planned)
-    stage_seconds = {key: float(stage.get('seconds') or 0.0) for key, stage in _trained_stages(runs).items()}
-    run_seconds = sum(float(r.get('seconds') or 0.0) for r in runs)
     devices = sorted({r.get('device', '?') for r in runs})
     versions = runs[-1].get('versions') or {}
     evaluation = config.get('evaluation') or {}
@@ -281,17 +279,11 @@ def _setup_lines(name: str, runs: list[dict]) -> list[str]:
         f'- Protocols: {", ".join(evaluation.get("protocols") or [])}; fine-tuning: {_finetune_budget(evaluation)}; '
         f'seeds planned: {study.get("seeds")}; '
         f'label fractions planned: {study.get("label_fractions")}.',
-        f'- Stored runs: {len(runs)}; distinct stages trained: {len(stage_seconds)} '
-        f'({sum(stage_seconds.values()) / 60:.1f} min); wall time of all runs incl. cached stages and downstream: '
-        f'{run_seconds / 60:.1f} min; device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
+        f'- Stored runs: {len(runs)}; distinct stages: {len(distinct_stages(runs))} (their compute: "Compute per '
+        f'row" below); device(s): {", ".join(devices)}; torch {versions.get("torch")}, '
         f'mmpretrain {versions.get("mmpretrain")}, {versions.get("platform")}.',
         precision_line(runs),
     ]
-
-
-def _trained_stages(runs: list[dict]) -> dict[str, dict]:
-    """``{stage key: record}`` of the stages the stored runs trained themselves (not reused from the cache)."""
-    return {stage.get('key'): stage for run in runs for stage in run.get('stages', []) if not stage.get('cache_hit')}
 
 
 def precision_line(runs: list[dict]) -> str:
@@ -305,7 +297,7 @@ def precision_line(runs: list[dict]) -> str:
             tally[used] = tally.get(used, 0) + 1
         return ', '.join(f'{used} {n}' for used, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
 
-    stages = _trained_stages(runs)
+    stages = distinct_stages(runs)
     text = f'- Training precision: downstream runs {counts(runs)}'
     if stages:
         text += f'; distinct stages {counts(stages.values())}'

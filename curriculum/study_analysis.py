@@ -348,13 +348,8 @@ def _pretraining_seconds(run: dict) -> float | None:
     """Original training + LR-search time of the run's stages (cache hits included); None when unknown."""
     if run.get('init'):
         return None
-    total = 0.0
-    for stage in run.get('stages', []):
-        train, search = stage.get('train_seconds'), stage.get('lr_search_seconds')
-        if train is None or search is None:
-            return None
-        total += float(train) + float(search)
-    return total
+    seconds = [_stage_training_seconds(stage) for stage in run.get('stages', [])]
+    return None if None in seconds else sum(seconds)
 
 
 def _downstream_seconds(run: dict) -> float | None:
@@ -372,6 +367,38 @@ def _row_order(label: str, runs: list[dict]) -> tuple:
     """Baselines first, then orderings by length, then by label."""
     run = runs[0]
     return (0 if (not run['order'] or run.get('init')) else 1, len(run['order']), label)
+
+
+def distinct_stages(runs: list[dict]) -> dict[str, dict]:
+    """``{stage key: record}`` of every stage the stored runs used, each once: the record of the run that trained it
+    where a stored run did, else the record a run read from the stage cache (it carries the same training times and
+    precision: a stage trained by a process whose runs were lost, or resumed from a checkpoint, is a cache hit in
+    every stored run)."""
+    stages: dict[str, dict] = {}
+    for run in runs:
+        for stage in run.get('stages', []):
+            key = stage.get('key')
+            if key not in stages or (stages[key].get('cache_hit') and not stage.get('cache_hit')):
+                stages[key] = stage
+    return stages
+
+
+def _stage_training_seconds(stage: dict) -> float | None:
+    train, search = stage.get('train_seconds'), stage.get('lr_search_seconds')
+    return None if train is None or search is None else float(train) + float(search)
+
+
+def total_compute_line(runs: list[dict]) -> str:
+    """What the stored runs cost in all: each distinct stage once (its original training and LR-search time, as the
+    first run that trained it stored it) plus every run's downstream evaluation."""
+    stages = distinct_stages(runs)
+    timed = [v for v in map(_stage_training_seconds, stages.values()) if v is not None]
+    downstream = [v for r in runs if (v := _downstream_seconds(r)) is not None]
+    untimed = len(stages) - len(timed) + len(runs) - len(downstream)
+    return (f'Total compute of the {len(runs)} stored runs: {len(stages)} distinct stages, {sum(timed) / 3600:.2f} h '
+            f'of training (each stage once) + {sum(downstream) / 3600:.2f} h of downstream evaluation = '
+            f'{(sum(timed) + sum(downstream)) / 3600:.2f} h of one worker\'s wall clock'
+            + (f' ({untimed} stage(s) or run(s) without timings left out)' if untimed else '') + '.')
 
 
 def compute_table(runs: list[dict]) -> list[str]:
@@ -393,10 +420,13 @@ def compute_table(runs: list[dict]) -> list[str]:
                                    and (v := _downstream_seconds(r)) is not None]))
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     devices = ', '.join(sorted({str(r.get('device', '?')) for r in runs}))
+    lines += ['', total_compute_line(runs)]
     lines += ['', 'Wall-clock minutes on the runs\' device(s) ({}), mean over seeds. Pretraining: the original '
               'training and learning-rate search time of the ordering\'s stages as stored (a stage reused as a '
               'cached prefix is counted in every ordering that uses it, so each row is the cost to produce that '
               'row alone, and the column does not add up to the study\'s compute); "-" where a stage lacks its '
               'timing. Downstream: the run\'s wall time minus the time its stages took in that run (all '
-              'evaluation protocols, data loading included).'.format(devices), '']
+              'evaluation protocols, data loading included). The total takes each stage\'s time as stored: a '
+              'stage resumed from an epoch checkpoint counts only its part after the resume, and time a process '
+              'spent paused counts.'.format(devices), '']
     return lines

@@ -309,6 +309,11 @@ def test_compute_per_row_counts_every_stage_of_an_ordering():
     assert rows['| a,b'] == '| a,b | 6.0 | 5.0 | 2.5 |'                         # cached stages still count
     assert rows['| b'] == '| b | - | 1.0 | - |'
     assert list(rows) == ['| ordering', '| none', '| a', '| b', '| a,b']
+    total = next(line for line in compute_table(runs + [old]) if line.startswith('Total compute'))
+    # stages a (seeds 0, 1), b after a, and b alone (untimed); downstream 120+240+300+150+90+60 s
+    assert total == ('Total compute of the 6 stored runs: 4 distinct stages, 0.15 h of training (each stage once) + '
+                     '0.27 h of downstream evaluation = 0.42 h of one worker\'s wall clock (1 stage(s) or run(s) '
+                     'without timings left out).')
 
 
 def test_study_run_exports_finished_runs_while_a_fraction_is_still_running(tmp_path):
@@ -450,10 +455,11 @@ def test_precision_line_counts_runs_and_distinct_stages_and_says_when_they_are_m
             {'precision': fp32, 'stages': [{'key': 'm0', 'cache_hit': True, 'precision': fp32}]},
             {'precision': bf16, 'stages': [{'key': 'm1', 'cache_hit': False, 'precision': bf16},
                                            {'key': 'm2', 'cache_hit': False, 'precision': bf16}]},
-            {'precision': bf16, 'stages': []}, {'stages': []}]
+            {'precision': bf16, 'stages': [{'key': 'm3', 'cache_hit': True, 'precision': bf16}]}, {'stages': []}]
     line = precision_line(runs)
+    # m3 was trained by a process none of whose runs was stored: a cache hit wherever it appears, still counted
     assert line.startswith('- Training precision: downstream runs bf16 2, fp32 2, not recorded 1; '
-                           'distinct stages bf16 2, fp32 1 (mixed:')
+                           'distinct stages bf16 3, fp32 1 (mixed:')
     assert 'mixed' not in precision_line(runs[:2])
 
 
