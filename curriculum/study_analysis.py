@@ -371,9 +371,9 @@ def _row_order(label: str, runs: list[dict]) -> tuple:
 
 def distinct_stages(runs: list[dict]) -> dict[str, dict]:
     """``{stage key: record}`` of every stage the stored runs used, each once: the record of the run that trained it
-    where a stored run did, else the record a run read from the stage cache (it carries the same training times and
-    precision: a stage trained by a process whose runs were lost, or resumed from a checkpoint, is a cache hit in
-    every stored run)."""
+    where a stored run did, else the record a run read from the stage cache, which carries the same training times
+    and precision (a stage whose training process stored no run, e.g. one stopped before its evaluations, is a cache
+    hit in every stored run)."""
     stages: dict[str, dict] = {}
     for run in runs:
         for stage in run.get('stages', []):
