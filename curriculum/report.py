@@ -131,16 +131,21 @@ def _signed_ci(mean: float, low: float, high: float) -> str:
 MIN_SEEDS_FOR_VERDICT = 3
 
 
-def _verdict(low: float, high: float, pairs: int) -> str:
+def _verdict_kind(low: float, high: float, pairs: int) -> str:
+    """``no_interval``, ``too_few`` (fewer than :data:`MIN_SEEDS_FOR_VERDICT` pairs), ``better``, ``worse`` or
+    ``none`` (the interval contains 0)."""
     if not (math.isfinite(low) and math.isfinite(high)):
-        return 'no interval (fewer than 2 paired seeds)'
+        return 'no_interval'
     if pairs < MIN_SEEDS_FOR_VERDICT:
-        return f'no verdict with {pairs} paired seeds (needs {MIN_SEEDS_FOR_VERDICT})'
-    if low > 0:
-        return 'better (95% CI above 0)'
-    if high < 0:
-        return 'worse (95% CI below 0)'
-    return 'no significant difference (95% CI contains 0)'
+        return 'too_few'
+    return 'better' if low > 0 else 'worse' if high < 0 else 'none'
+
+
+def _verdict(low: float, high: float, pairs: int) -> str:
+    return {'no_interval': 'no interval (fewer than 2 paired seeds)',
+            'too_few': f'no verdict with {pairs} paired seeds (needs {MIN_SEEDS_FOR_VERDICT})',
+            'better': 'better (95% CI above 0)', 'worse': 'worse (95% CI below 0)',
+            'none': 'no significant difference (95% CI contains 0)'}[_verdict_kind(low, high, pairs)]
 
 
 # --- per-board findings ----------------------------------------------------------------------------------------
@@ -170,17 +175,14 @@ def every_ordering_vs(cells: list[Cell], reference: Cell, reference_title: str) 
     verdicts: dict[str, list[str]] = {'better': [], 'worse': [], 'none': [], 'unpaired': []}
     for cell in sorted(cells, key=lambda c: c.label):
         mean, low, high, n = paired_difference(cell.test, reference.test)
-        if n < MIN_SEEDS_FOR_VERDICT or not (math.isfinite(low) and math.isfinite(high)):
-            verdicts['unpaired'].append(cell.label)
-        elif low > 0 or high < 0:
-            verdicts['better' if low > 0 else 'worse'].append(f'{cell.label} {_signed_ci(mean, low, high)}')
+        kind = _verdict_kind(low, high, n)
+        if kind in ('better', 'worse'):
+            verdicts[kind].append(f'{cell.label} {_signed_ci(mean, low, high)}')
         else:
-            verdicts['none'].append(cell.label)
-    parts = [f'CI above 0: {len(verdicts["better"])}' + (f' ({"; ".join(verdicts["better"])})'
-                                                          if verdicts['better'] else ''),
-             f'CI below 0: {len(verdicts["worse"])}' + (f' ({"; ".join(verdicts["worse"])})'
-                                                         if verdicts['worse'] else ''),
-             f'CI contains 0: {len(verdicts["none"])}']
+            verdicts['none' if kind == 'none' else 'unpaired'].append(cell.label)
+    parts = [f'CI {side} 0: {len(verdicts[kind])}' + (f' ({"; ".join(verdicts[kind])})' if verdicts[kind] else '')
+             for side, kind in (('above', 'better'), ('below', 'worse'))]
+    parts.append(f'CI contains 0: {len(verdicts["none"])}')
     if verdicts['unpaired']:
         parts.append(f'fewer than {MIN_SEEDS_FOR_VERDICT} paired seeds, no verdict: {len(verdicts["unpaired"])}')
     return (f'- Every multi-task ordering vs {reference_title} (paired 95% CIs over seeds, points; not corrected '
@@ -194,7 +196,7 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
     multi = [c for c in cells.values() if len(c.order) >= 2 and not c.baseline]
     single = [c for c in cells.values() if len(c.order) == 1 and not c.baseline]
     chosen = select_on_val(runs, protocol)
-    scratch = chosen['scratch']
+    scratch, best_single = chosen['scratch'], chosen['best_single']
     lines = []
     if multi:
         best = chosen['best_multi']
@@ -204,18 +206,17 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
             lines.append(f'  - vs from scratch ({percent_with_ci(*mean_t_interval(list(scratch.test.values())))}): '
                          f'{_compare(best, scratch)}.')
         if single:
-            best_single = chosen['best_single']
             interval = percent_with_ci(*mean_t_interval(list(best_single.test.values())))
             lines.append(f'  - vs the best single task, **{best_single.label}** ({interval}): '
                          f'{_compare(best, best_single)}.')
     if single and scratch:
-        top = chosen['best_single']
-        lines.append(f'- Best single task ({top.label}, chosen on val) vs from scratch: {_compare(top, scratch)}.')
+        lines.append(f'- Best single task ({best_single.label}, chosen on val) vs from scratch: '
+                     f'{_compare(best_single, scratch)}.')
     if multi and scratch:
         lines.append(every_ordering_vs(multi, scratch, 'from scratch'))
     if multi and single:
-        top = chosen['best_single']
-        lines.append(every_ordering_vs(multi, top, f'the best single task ({top.label}, chosen on val)'))
+        lines.append(every_ordering_vs(multi, best_single,
+                                       f'the best single task ({best_single.label}, chosen on val)'))
     scores = {c.order[0]: c.test_mean() for c in single}
     by_label: dict[str, list[float]] = {}
     for cell in multi:
