@@ -28,7 +28,7 @@ from .external_study import external_section
 from .leaderboard import build_leaderboards, comparison_key, curriculum_label, render_markdown, run_label
 from .plan import parse_order, read_yaml
 from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line, distinct_stages,
-                             label_efficiency_series, source_section)
+                             label_efficiency_series, source_section, spread_and_selection_line)
 from .study_cells import Cell, board_cells, protocol_runs, select_on_val
 
 DISCUSSION_FILE = 'results_discussion.md'
@@ -232,6 +232,9 @@ def findings(runs: list[dict], protocol: str) -> list[str]:
                      + '; '.join(parts) + '.')
     if multi:
         lines.append(curriculum_hypothesis_line(curriculum_gains(cells, scores)))
+    spread = spread_and_selection_line(list(cells.values()), chosen.get('best_multi'))
+    if spread:
+        lines.append(spread)
     return lines
 
 

@@ -182,6 +182,29 @@ def curriculum_hypothesis_line(pairs: list[tuple[str, float]]) -> str:
             f'n = {n} orderings ({k} C, {n - k} AC/MC).')
 
 
+def spread_and_selection_line(cells: list, chosen) -> str | None:
+    """How far apart the rows of one board are, and how much choosing on val can be trusted there: the range of
+    the rows' mean test scores, and among the multi-task orderings the Spearman correlation of mean val with mean
+    test and the test rank of the ordering chosen on val (``chosen``). A small range and a weak val-test
+    correlation say the orderings cannot be told apart, whatever the best-on-val line above reads. ``cells``: the
+    board's :class:`curriculum.study_cells.Cell` s; None with fewer than two rows measured."""
+    means = {c.label: c.test_mean() for c in cells if math.isfinite(c.test_mean())}
+    if len(means) < 2:
+        return None
+    low, high = min(means, key=means.get), max(means, key=means.get)
+    line = (f'- Spread: the {len(means)} rows\' mean test scores span {(means[high] - means[low]) * 100:.2f} '
+            f'points ({low} {means[low] * 100:.2f} to {high} {means[high] * 100:.2f})')
+    multi = [c for c in cells if len(c.order) >= 2 and not c.baseline
+             and math.isfinite(c.test_mean()) and math.isfinite(c.val_mean())]
+    if chosen is not None and len(multi) >= 3:
+        rho = spearman([c.val_mean() for c in multi], [c.test_mean() for c in multi])
+        by_test = sorted(multi, key=lambda c: -c.test_mean())
+        rank = next(i for i, c in enumerate(by_test, 1) if c.label == chosen.label)
+        line += (f'; among the {len(multi)} multi-task orderings, mean val and mean test rank them with Spearman '
+                 f'ρ = {rho:+.2f}, and the one chosen on val ({chosen.label}) is {rank} of {len(multi)} on test')
+    return line + '.'
+
+
 # --- boards by label fraction and the label-efficiency series -------------------------------------------------
 
 def board_by_fraction(runs: list[dict]) -> dict[float, list[dict]]:

@@ -238,8 +238,21 @@ def test_curriculum_hypothesis_line_and_findings():
             '2 of 6 label assignments at least as extreme), n = 4 orderings (2 C, 2 AC/MC).') in line
     # the toy board has one C (a,b) and one AC (b,a) ordering: too few for a test
     lines = findings(_toy_runs(), 'linear')
-    assert lines[-1].endswith('not testable here: 2 labelled multi-task ordering(s) whose first task was run alone '
-                              '(needs at least 3).')
+    line = next(text for text in lines if text.startswith('- Curriculum hypothesis'))
+    assert line.endswith('not testable here: 2 labelled multi-task ordering(s) whose first task was run alone '
+                         '(needs at least 3).')
+
+
+def test_spread_line_gives_the_range_and_how_well_val_ranks_the_orderings_on_test():
+    """The toy board's rows span none (0.50) to a,b (0.702); with a third multi-task ordering whose val and test
+    ranks are the reverse of each other (b,a best on val and worst on test), ρ is -1 and the chosen one is last."""
+    line = findings(_toy_runs(), 'linear')[-1]
+    assert line == "- Spread: the 5 rows' mean test scores span 20.20 points (none 50.00 to a,b 70.20)."
+    runs = _toy_runs() + [_run(['a', 'b', 'a'], seed, 0.66, 0.695) for seed in range(3)]
+    line = findings(runs, 'linear')[-1]
+    assert line == ("- Spread: the 6 rows' mean test scores span 20.20 points (none 50.00 to a,b 70.20); among the 3 "
+                    'multi-task orderings, mean val and mean test rank them with Spearman ρ = -1.00, and the one '
+                    'chosen on val (b,a) is 3 of 3 on test.')
 
 
 def test_label_efficiency_series_choose_on_val_at_each_fraction():
