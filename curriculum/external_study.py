@@ -28,7 +28,7 @@ from .errors import CheckpointError, EngineError
 from .finetuned import CHECKPOINT, read_result
 from .leaderboard import comparison_key, run_label, sweep_work_dir
 from .results import json_lines
-from .study_cells import select_on_val
+from .study_cells import paired_difference, select_on_val
 
 PROTOCOL = 'finetune'
 #: the cells of a study that are scored, in table order (the keys of :func:`curriculum.study_cells.select_on_val`)
@@ -330,10 +330,26 @@ def _classes_sentence(record: dict) -> str:
             f'{record["n_images"]} image(s) scored (split {record["split"]}).')
 
 
+def _per_seed(group: list[dict]) -> dict[int, float]:
+    """Balanced accuracy per seed of one cell's scored records (NaN where the record has none)."""
+    values = {int(r['seed']): r['metrics'].get('balanced_accuracy') for r in group if 'skipped' not in r}
+    return {seed: float('nan') if value is None else float(value) for seed, value in values.items()}
+
+
+def _paired_text(cell: dict[int, float], scratch: dict[int, float]) -> str:
+    """``cell − scratch`` over their common seeds: mean with its t interval, the mean alone for one pair."""
+    mean, low, high, pairs = paired_difference(cell, scratch)
+    if not pairs:
+        return 'no common seed'
+    text = f'{mean * 100:+.2f}'
+    return text + (f' [{low * 100:+.2f}, {high * 100:+.2f}]' if math.isfinite(low) else '') + f' ({pairs} seed{"s" if pairs > 1 else ""})'
+
+
 def external_section(results_dir: str, study_name: str) -> list[str]:
     """Markdown lines for the study report from ``<results_dir>/external/<study_name>.*.jsonl``: per dataset a
     table of label fraction, role, ordering, seeds, balanced accuracy (mean over seeds with its 95 % Student-t
-    interval, or one seed's bootstrap interval) and mean AUC, then which classes were mapped and which left out.
+    interval, or one seed's bootstrap interval), mean AUC and the difference from scratch paired over the seeds both
+    have (mean in points with its 95 % t interval), then which classes were mapped and which left out.
     [] when nothing was scored externally. Deterministic: the same records give the same lines whatever their
     order in the files."""
     pattern = os.path.join(glob.escape(os.path.join(results_dir, 'external')), f'{glob.escape(study_name)}.*.jsonl')
@@ -345,17 +361,20 @@ def external_section(results_dir: str, study_name: str) -> list[str]:
              'multi-task ordering chosen on the validation split) applied to other datasets, whose classes map '
              'onto the run\'s by name (`python tools/study.py external`). Balanced accuracy and AUC in % over the '
              'mapped classes, the model\'s scores renormalised over them; 95% CI: Student-t over seeds, or for a '
-             'single seed the percentile bootstrap over the scored images.', '']
+             'single seed the percentile bootstrap over the scored images. "vs from scratch": the difference in balanced '
+             'accuracy, paired over the seeds both cells have, with its Student-t 95% CI (points).', '']
     for dataset in sorted({r['dataset'] for r in records}):
         rows = sorted((r for r in records if r['dataset'] == dataset), key=_sort_key)
         roots = sorted({r.get('data_root') or '-' for r in rows})
         lines += [f'#### {dataset} ({", ".join(f"`{root}`" for root in roots)})', '',
-                  '| label fraction | role | ordering | seeds | balanced accuracy (%) [95% CI] | AUC (%) |',
-                  '|---|---|---|---|---|---|']
+                  '| label fraction | role | ordering | seeds | balanced accuracy (%) [95% CI] | AUC (%) | '
+                  'vs from scratch (points) |',
+                  '|---|---|---|---|---|---|---|']
         cells: dict[tuple, list[dict]] = {}
         for row in rows:
             cells.setdefault((row['label_fraction'], row['role'], row['ordering']), []).append(row)
         skipped_notes = []
+        scratch = {fraction: _per_seed(group) for (fraction, role, _), group in cells.items() if role == 'scratch'}
         for (fraction, role, ordering), group in cells.items():
             scored = [r for r in group if 'skipped' not in r]
             skipped = [r for r in group if 'skipped' in r]
@@ -368,8 +387,9 @@ def external_section(results_dir: str, study_name: str) -> list[str]:
             if skipped:
                 seeds += f' ({len(skipped)} skipped)'
                 skipped_notes += [f'{float(fraction):g} {ordering} seed {r["seed"]}: {r["skipped"]}' for r in skipped]
+            versus = '-' if role == 'scratch' else _paired_text(_per_seed(group), scratch.get(fraction, {}))
             lines.append(f'| {float(fraction):g} | {ROLE_TITLES[role]} | {ordering} | {seeds} | '
-                         f'{_pct(mean)}{interval} | {_pct(auc)} |')
+                         f'{_pct(mean)}{interval} | {_pct(auc)} | {versus} |')
         lines.append('')
         sentences = sorted({_classes_sentence(r) for r in rows if 'skipped' not in r})
         lines += sentences + ([''] if sentences else [])

@@ -29,7 +29,7 @@ from .leaderboard import build_leaderboards, comparison_key, curriculum_label, r
 from .plan import parse_order, read_yaml
 from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line, distinct_stages,
                              label_efficiency_series, source_section, spread_and_selection_line)
-from .study_cells import Cell, board_cells, protocol_runs, select_on_val
+from .study_cells import Cell, board_cells, paired_difference, protocol_runs, select_on_val
 
 DISCUSSION_FILE = 'results_discussion.md'
 PLOT_FILE = 'results_label_efficiency.png'
@@ -105,14 +105,6 @@ def load_experiment(path: str) -> Experiment:
 
 
 # --- statistics over seeds -------------------------------------------------------------------------------------
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
-    """Mean of a − b over the seeds both have, its 95 % t interval and the number of pairs."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds if math.isfinite(a[s]) and math.isfinite(b[s])]
-    mean, low, high = mean_t_interval(diffs)
-    return mean, low, high, len(diffs)
-
 
 def _pct(value: float) -> str:
     return '-' if value is None or not math.isfinite(value) else f'{value * 100:.2f}'

@@ -6,6 +6,7 @@ evaluation (:mod:`curriculum.external_study`). Written here: no library knows th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from benchmarks.metrics import mean_t_interval
@@ -28,6 +29,14 @@ class Cell:
 
     def val_mean(self) -> float:
         return mean_t_interval(list(self.val.values()))[0]
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of a − b over the seeds both have (finite in both), its 95 % t interval and the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds if math.isfinite(a[s]) and math.isfinite(b[s])]
+    mean, low, high = mean_t_interval(diffs)
+    return mean, low, high, len(diffs)
 
 
 def protocol_runs(runs: list[dict], protocol: str):

@@ -177,6 +177,20 @@ def test_external_scores_the_val_chosen_cells_skips_and_replaces(study, capsys):
     assert f'[{low}, {high}]' in table[4]                       # one seed: its bootstrap interval over images
     assert 'left out (no counterpart in the run): UNK (4 images); 20 image(s) scored (split all)' in text
     assert 'AK → AK' in text
+    # against scratch, paired over the seeds both cells have: two seeds give a t interval (t(0.975, 1) = 12.706),
+    # one seed the difference alone
+    def balanced(fraction, role):
+        return {r['seed']: r['metrics']['balanced_accuracy'] for r in after
+                if r['label_fraction'] == fraction and r['role'] == role}
+    scratch, relloc = balanced(1.0, 'scratch'), balanced(1.0, 'best_single')
+    diffs = [relloc[s] - scratch[s] for s in (0, 1)]
+    half = 12.706 * abs(diffs[0] - diffs[1]) / 2          # sd of two values / sqrt(2) = |a - b| / 2
+    mean = sum(diffs) / 2
+    assert table[0].endswith('| - |')
+    assert table[1].endswith(f'| {100 * mean:+.2f} [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}] '
+                             '(2 seeds) |')
+    one = balanced(0.5, 'best_single')[0] - balanced(0.5, 'scratch')[0]
+    assert table[4].endswith(f'| {100 * one:+.2f} (1 seed) |')
 
     # deterministic: the same records in another order render the same lines; other studies see nothing
     rows = open(path).read().splitlines()
