@@ -341,8 +341,8 @@ def _paired_text(cell: dict[int, float], scratch: dict[int, float]) -> str:
     mean, low, high, pairs = paired_difference(cell, scratch)
     if not pairs:
         return 'no common seed'
-    text = f'{mean * 100:+.2f}'
-    return text + (f' [{low * 100:+.2f}, {high * 100:+.2f}]' if math.isfinite(low) else '') + f' ({pairs} seed{"s" if pairs > 1 else ""})'
+    interval = f' [{low * 100:+.2f}, {high * 100:+.2f}]' if math.isfinite(low) else ''
+    return f'{mean * 100:+.2f}{interval} ({pairs} seed{"s" if pairs > 1 else ""})'
 
 
 def external_section(results_dir: str, study_name: str) -> list[str]:
@@ -361,8 +361,8 @@ def external_section(results_dir: str, study_name: str) -> list[str]:
              'multi-task ordering chosen on the validation split) applied to other datasets, whose classes map '
              'onto the run\'s by name (`python tools/study.py external`). Balanced accuracy and AUC in % over the '
              'mapped classes, the model\'s scores renormalised over them; 95% CI: Student-t over seeds, or for a '
-             'single seed the percentile bootstrap over the scored images. "vs from scratch": the difference in balanced '
-             'accuracy, paired over the seeds both cells have, with its Student-t 95% CI (points).', '']
+             'single seed the percentile bootstrap over the scored images. "vs from scratch": the difference in '
+             'balanced accuracy, paired over the seeds both cells have, with its Student-t 95% CI (points).', '']
     for dataset in sorted({r['dataset'] for r in records}):
         rows = sorted((r for r in records if r['dataset'] == dataset), key=_sort_key)
         roots = sorted({r.get('data_root') or '-' for r in rows})
