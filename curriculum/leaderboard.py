@@ -55,11 +55,24 @@ def curriculum_label(ordering: tuple[str, ...], single_scores: dict[str, float])
     return 'MC'
 
 
+def _set_entries(value):
+    """``value`` without the mapping entries that are null (or mappings left empty by that), recursively. In a run
+    config null means "not set, the built-in behaviour", the same as a missing key."""
+    if isinstance(value, dict):
+        kept = {key: _set_entries(item) for key, item in value.items() if item is not None}
+        return {key: item for key, item in kept.items() if item != {}}
+    if isinstance(value, list):
+        return [_set_entries(item) for item in value]
+    return value
+
+
 def comparison_key(result: dict) -> str:
     """Runs are comparable when everything but the ordering, the seed and the init file is the same. A study's
-    ``study:`` section (what to run: orderings, seeds, fractions) is not part of how a run was made."""
+    ``study:`` section (what to run: orderings, seeds, fractions) is not part of how a run was made, and a key set
+    to null is the same as a missing one, so a config default added later as null (a new option, off by default)
+    leaves the stored runs comparable with new ones and a study resumes from them."""
     config = {k: v for k, v in (result.get('config') or {}).items() if k not in ('seed', 'study')}
-    text = json.dumps(config, sort_keys=True, default=str)
+    text = json.dumps(_set_entries(config), sort_keys=True, default=str)
     import hashlib
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

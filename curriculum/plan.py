@@ -219,11 +219,14 @@ def validate_config(config: dict) -> None:
         raise PlanError(f'label_fraction must be in (0, 1], got {fraction}')
     finetune = evaluation.get('finetune') or {}
     if not isinstance(finetune, dict):
-        raise PlanError(f'evaluation.finetune must be a mapping (steps, eval_every, patience), got {finetune!r}')
+        raise PlanError(f'evaluation.finetune must be a mapping (steps, eval_every, patience, lr), got {finetune!r}')
     for name in ('steps', 'eval_every', 'patience'):
         value = finetune.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise PlanError(f'evaluation.finetune.{name} must be null or a positive integer, got {value!r}')
+    lr = finetune.get('lr')
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1):
+        raise PlanError(f'evaluation.finetune.lr must be null or a learning rate in (0, 1), got {lr!r}')
     steps = finetune.get('steps')
     if steps is None and (finetune.get('eval_every') is not None or finetune.get('patience') is not None):
         raise PlanError('evaluation.finetune.eval_every and .patience need evaluation.finetune.steps (step-based '

@@ -308,9 +308,11 @@ def _finetune_budget(evaluation: dict) -> str:
     if budget.get('steps'):
         every = budget.get('eval_every') or max(1, int(budget['steps']) // 20)
         patience = budget.get('patience')
-        return (f'{budget["steps"]} steps whatever the label fraction, val every {every} steps'
+        text = (f'{budget["steps"]} steps whatever the label fraction, val every {every} steps'
                 + (f', early stop after {patience} evaluations without gain' if patience else ''))
-    return f'{(evaluation.get("epochs") or {}).get("finetune", "default")} epochs'
+    else:
+        text = f'{(evaluation.get("epochs") or {}).get("finetune", "default")} epochs'
+    return text + (f', learning rate {budget["lr"]:g}' if budget.get('lr') else '')
 
 
 def _missing_cells(runs: list[dict]) -> list[str]:

@@ -317,9 +317,10 @@ def evaluate_backbone(ctx: RunContext, backbone_file: str | None, progress=None)
     protocols = list(ctx.evaluation.get('protocols') or [])
     if progress:
         progress('downstream', 0, len(protocols), {'dataset': ctx.downstream_data.name})
-    # the step budget of fine-tuning (evaluation.finetune: steps, eval_every, patience), only the keys set
-    finetune = {name: int(value) for name, value in (ctx.evaluation.get('finetune') or {}).items()
-                if value is not None}
+    # the step budget of fine-tuning (evaluation.finetune: steps, eval_every, patience) and its learning rate, only
+    # the keys set
+    finetune = {name: float(value) if name == 'lr' else int(value)
+                for name, value in (ctx.evaluation.get('finetune') or {}).items() if value is not None}
     options = {'finetune': finetune} if finetune else {}
     options.update(protocol_inputs(ctx))
     downstream = evaluate(backbone, ctx.downstream_data, protocols,

@@ -155,6 +155,11 @@ def test_epoch_mode_keeps_its_result_keys(backbone, blobs):
     ({'steps': 100, 'patience': 1.5}, 'evaluation.finetune.patience'),
     ({'steps': 10, 'eval_every': 20}, 'evaluation.finetune.eval_every'),
     ({'patience': 3}, 'evaluation.finetune.steps'),                  # patience alone: epochs have no patience
+    ({'lr': 0}, 'evaluation.finetune.lr'),
+    ({'lr': -1e-3}, 'evaluation.finetune.lr'),
+    ({'lr': 2}, 'evaluation.finetune.lr'),
+    ({'lr': 'x'}, 'evaluation.finetune.lr'),
+    ({'lr': True}, 'evaluation.finetune.lr'),
 ])
 def test_plan_rejects_bad_finetune_budgets(options, key):
     from curriculum.plan import build_plan, load_config
@@ -169,7 +174,8 @@ def test_config_schema_and_run_pass_the_budget_on(monkeypatch):
     from curriculum import run as run_module
     from curriculum.plan import build_plan, load_config
 
-    config = load_config(None, {'evaluation.finetune.steps': 200, 'evaluation.finetune.patience': 4})
+    config = load_config(None, {'evaluation.finetune.steps': 200, 'evaluation.finetune.patience': 4,
+                                'evaluation.finetune.lr': 1e-4})
     build_plan('none', config)
     with pytest.raises(PlanError, match=r"unknown config key 'evaluation\.finetune\.step' \(did you mean "
                                         r"'evaluation\.finetune\.steps'\?\)"):
@@ -183,5 +189,6 @@ def test_config_schema_and_run_pass_the_budget_on(monkeypatch):
         ctx = SimpleNamespace(inputs=SimpleNamespace(backbone_cfg={}, precision=None), seed=0, device='cpu',
                               evaluation=evaluation, downstream_data=SimpleNamespace(name='blobs'))
         run_module.evaluate_backbone(ctx, None)
-    assert calls[0]['options'] == {'finetune': {'steps': 200, 'patience': 4}}    # only the keys set
+    assert calls[0]['options'] == {'finetune': {'steps': 200, 'patience': 4, 'lr': 1e-4}}   # only the keys set
+    assert isinstance(calls[0]['options']['finetune']['lr'], float)
     assert calls[1]['options'] is None and calls[2]['options'] is None           # as before the step budget

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from curriculum.leaderboard import (all_orderings, build_leaderboards, curriculum_label, distinct_prefixes,
-                                    render_markdown, write_outputs)
+from curriculum.leaderboard import (all_orderings, build_leaderboards, comparison_key, curriculum_label,
+                                    distinct_prefixes, render_markdown, write_outputs)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, 'tools', 'leaderboard.py')
@@ -49,6 +49,29 @@ def fake_result(order, seed, bacc, ci=None, init=None):
     return {'order': list(order), 'seed': seed, 'init': init, 'dataset': 'd', 'downstream_dataset': 'd',
             'label_fraction': 1.0, 'config': {'seed': seed, 'x': 1}, 'downstream': {'linear': metrics},
             'stages': []}
+
+
+def test_comparison_key_ignores_null_entries_so_a_new_null_default_keeps_stored_runs_comparable():
+    """A stored run against the same config after a new option was added to the defaults as null (the engine's way
+    of adding an option, off by default): still comparable, so a study resumes from its stored runs. Any set value,
+    seed and study section aside, still makes runs incomparable."""
+    stored = {'config': {'image_size': 32, 'seed': 0, 'study': {'name': 'a'},
+                         'evaluation': {'finetune': {'steps': 3000, 'patience': None}, 'epochs': {'finetune': 8}},
+                         'dataset_options': {}}}
+    later = json.loads(json.dumps(stored))
+    later['config']['evaluation']['finetune']['lr'] = None                      # a new option, unset
+    later['config']['evaluation']['uda'] = {'target': None}                      # a new section, nothing set
+    later['config'].pop('dataset_options')                                       # empty mapping == missing
+    later['config'].update(seed=3, study={'name': 'b'}, new_flag=None)
+    assert comparison_key(later) == comparison_key(stored)
+    for path, value in ((('evaluation', 'finetune', 'lr'), 1e-4), (('evaluation', 'finetune', 'patience'), 10),
+                        (('image_size',), 64), (('evaluation', 'finetune', 'steps'), None)):
+        changed = json.loads(json.dumps(stored))
+        node = changed['config']
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert comparison_key(changed) != comparison_key(stored), path
 
 
 def test_aggregation_over_seeds_labels_deltas_and_baselines(tmp_path):
