@@ -28,7 +28,7 @@ from .errors import CheckpointError, EngineError
 from .finetuned import CHECKPOINT, read_result
 from .leaderboard import comparison_key, run_label, sweep_work_dir
 from .results import json_lines
-from .study_cells import paired_difference, select_on_val
+from .study_cells import paired_difference, select_on_val, signed_ci
 
 PROTOCOL = 'finetune'
 #: the cells of a study that are scored, in table order (the keys of :func:`curriculum.study_cells.select_on_val`)
@@ -341,8 +341,7 @@ def _paired_text(cell: dict[int, float], scratch: dict[int, float]) -> str:
     mean, low, high, pairs = paired_difference(cell, scratch)
     if not pairs:
         return 'no common seed'
-    interval = f' [{low * 100:+.2f}, {high * 100:+.2f}]' if math.isfinite(low) else ''
-    return f'{mean * 100:+.2f}{interval} ({pairs} seed{"s" if pairs > 1 else ""})'
+    return f'{signed_ci(mean, low, high)} ({pairs} seed{"s" if pairs > 1 else ""})'
 
 
 def external_section(results_dir: str, study_name: str) -> list[str]:

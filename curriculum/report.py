@@ -29,7 +29,7 @@ from .leaderboard import build_leaderboards, comparison_key, curriculum_label, r
 from .plan import parse_order, read_yaml
 from .study_analysis import (SERIES, compute_table, curriculum_gains, curriculum_hypothesis_line, distinct_stages,
                              label_efficiency_series, source_section, spread_and_selection_line)
-from .study_cells import Cell, board_cells, paired_difference, protocol_runs, select_on_val
+from .study_cells import Cell, board_cells, paired_difference, protocol_runs, select_on_val, signed_ci
 
 DISCUSSION_FILE = 'results_discussion.md'
 PLOT_FILE = 'results_label_efficiency.png'
@@ -110,13 +110,6 @@ def _pct(value: float) -> str:
     return '-' if value is None or not math.isfinite(value) else f'{value * 100:.2f}'
 
 
-def _signed_ci(mean: float, low: float, high: float) -> str:
-    if not math.isfinite(mean):
-        return '-'
-    text = f'{mean * 100:+.2f}'
-    return text if not math.isfinite(low) else f'{text} [{low * 100:+.2f}, {high * 100:+.2f}]'
-
-
 #: fewest paired seeds for a better/worse verdict: a t-interval over two seeds rests on one degree of freedom and
 #: collapses when both seeds happen to give the same difference (balanced accuracies on a fixed test split are
 #: discrete, so that does happen), so with two seeds the interval is shown without a verdict
@@ -147,7 +140,7 @@ def _compare(a: Cell, b: Cell) -> str:
     test images and whether they overlap (no paired per-image test is possible from the stored metrics)."""
     mean, low, high, n = paired_difference(a.test, b.test)
     if n >= 2:
-        return f'{_signed_ci(mean, low, high)} points over {n} paired seeds: {_verdict(low, high, n)}'
+        return f'{signed_ci(mean, low, high)} points over {n} paired seeds: {_verdict(low, high, n)}'
     seeds = sorted(set(a.test) & set(b.test))
     if not seeds:
         return 'no common seed'
@@ -169,7 +162,7 @@ def every_ordering_vs(cells: list[Cell], reference: Cell, reference_title: str) 
         mean, low, high, n = paired_difference(cell.test, reference.test)
         kind = _verdict_kind(low, high, n)
         if kind in ('better', 'worse'):
-            verdicts[kind].append(f'{cell.label} {_signed_ci(mean, low, high)}')
+            verdicts[kind].append(f'{cell.label} {signed_ci(mean, low, high)}')
         else:
             verdicts['none' if kind == 'none' else 'unpaired'].append(cell.label)
     parts = [f'CI {side} 0: {len(verdicts[kind])}' + (f' ({"; ".join(verdicts[kind])})' if verdicts[kind] else '')

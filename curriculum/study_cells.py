@@ -39,6 +39,15 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, 
     return mean, low, high, len(diffs)
 
 
+def signed_ci(mean: float, low: float, high: float) -> str:
+    """A difference (fractions, shown in points) with its sign, and its interval where there is one:
+    ``+1.23 [-0.40, +2.86]``; ``-`` when the difference is not a number."""
+    if not math.isfinite(mean):
+        return '-'
+    text = f'{mean * 100:+.2f}'
+    return text if not math.isfinite(low) else f'{text} [{low * 100:+.2f}, {high * 100:+.2f}]'
+
+
 def protocol_runs(runs: list[dict], protocol: str):
     """``(run, metrics, headline)`` for every run evaluated with ``protocol``."""
     for run in runs:
