@@ -84,6 +84,14 @@ def task_recipe(task: str) -> dict:
     return read_yaml(recipe_path(task, CONFIG_DIR))
 
 
+def recipes_for(orders: list[str]) -> dict[str, dict]:
+    """The recipe of every known task named in ``orders`` (``'odc,moco'``, ``'none'``), read now: what a sweep
+    hands its nodes so that a recipe edited while it runs changes none of its jobs (unknown names are left to
+    :func:`parse_order`'s error)."""
+    names = {name.strip() for text in orders for name in str(text).split(',')}
+    return {name: task_recipe(name) for name in sorted(names) if name in TASKS}
+
+
 @dataclass
 class StagePlan:
     task: str
@@ -136,8 +144,10 @@ def _positive_number(value: Any, what: str, integer: bool = False) -> float:
     return number
 
 
-def resolve_stage(task: str, config: dict) -> StagePlan:
-    cfg = deep_merge(task_recipe(task), (config.get('tasks') or {}).get(task, {}))
+def resolve_stage(task: str, config: dict, recipe: dict | None = None) -> StagePlan:
+    """``task``'s stage: its recipe (``recipe``, else read from ``configs/tasks/<task>.yaml``) under the config's
+    ``tasks.<task>`` entries and ``epochs``; impossible values are a PlanError."""
+    cfg = deep_merge(task_recipe(task) if recipe is None else recipe, (config.get('tasks') or {}).get(task, {}))
     if config.get('epochs') is not None:
         cfg['epochs'] = config['epochs']
     missing = [key for key in STAGE_KEYS_REQUIRED if key not in cfg]
@@ -298,11 +308,12 @@ def validate_uda(evaluation: dict, protocols: list[str]) -> None:
             raise PlanError(f'evaluation.uda.{name} must be a non-negative number, got {value!r}')
 
 
-def build_plan(order_text: str, config: dict) -> RunPlan:
-    """Validate the order and the config; resolve every stage's recipe."""
+def build_plan(order_text: str, config: dict, recipes: dict[str, dict] | None = None) -> RunPlan:
+    """Validate the order and the config; resolve every stage's recipe (from ``recipes``, task → recipe as read
+    earlier, when given: a sweep reads them once, see :func:`recipes_for`; else from the recipe files)."""
     order = parse_order(order_text)
     validate_config(config)
-    stages = [resolve_stage(task, config) for task in order]
+    stages = [resolve_stage(task, config, None if recipes is None else recipes[task]) for task in order]
     for stage in stages:  # task checks that need only the image size (e.g. relloc's grid must fit the crop)
         size = stage_image_size(stage, int(config['image_size']))
         if size > MAX_IMAGE_SIZE:

@@ -25,6 +25,11 @@ class SweepSettings:
     optuna_storage: str | None
     sweep_id: str                # names this sweep's stage nodes (see curriculum.run.run_planned_stage)
     hide_cuda: bool = False      # --device cpu
+    # the config (file, defaults and overrides; no seed) and the task recipes as read once when the sweep started:
+    # a config or recipe edited while the sweep runs changes none of its jobs (before, every node read the files
+    # again, so an edit made mid-study gave later jobs other settings and other identities). None: read the files.
+    config: dict | None = None
+    recipes: dict | None = None
 
 
 def _enter(settings: SweepSettings) -> None:
@@ -45,18 +50,21 @@ def _enter(settings: SweepSettings) -> None:
 
 
 def job_config(settings: SweepSettings, job: dict) -> dict:
-    from .plan import load_config
+    """The sweep's config with the job's seed (and label fraction)."""
+    from .plan import apply_dotted, load_config
 
-    overrides = {**settings.overrides, 'seed': job['seed']}
+    options = {'seed': job['seed']}
     if job.get('label_fraction') is not None:    # a sweep over several label fractions (--label-fractions)
-        overrides['evaluation.label_fraction'] = job['label_fraction']
-    return load_config(settings.config_path, overrides)
+        options['evaluation.label_fraction'] = job['label_fraction']
+    if settings.config is None:
+        return load_config(settings.config_path, {**settings.overrides, **options})
+    return apply_dotted(settings.config, options)   # both keys are known ones: the schema check ran at the start
 
 
 def job_plan(settings: SweepSettings, job: dict):
     from .plan import build_plan
 
-    return build_plan(job['order'], job_config(settings, job))
+    return build_plan(job['order'], job_config(settings, job), settings.recipes)
 
 
 def job_work_dir(settings: SweepSettings, job: dict, plan) -> str:

@@ -116,6 +116,48 @@ def stored_runs(work_root):
     return rows
 
 
+def test_a_sweep_reads_its_config_and_recipes_once_so_editing_them_mid_study_changes_no_job(tmp_path, monkeypatch):
+    import curriculum.plan as plan_module
+    from curriculum.leaderboard import comparison_key
+    from curriculum.plan import build_plan, load_config
+    from curriculum.sweep_tasks import job_config, job_plan
+    from tool_loader import load_tool
+
+    config_file = tmp_path / 'study.yaml'
+    config_file.write_text('image_size: 32\nevaluation:\n  label_fraction: 1.0\n')
+    leaderboard = load_tool('leaderboard')
+    args = leaderboard.parse_args(['--config', str(config_file), '--orders', 'rotation', 'rotation,relloc',
+                                   '--baselines', 'none', '--seeds', '0,1', '--label-fractions', '0.1,1',
+                                   '--work-root', str(tmp_path / 'root'), '--cfg-options', 'tasks.rotation.lr=0.05'])
+    jobs = leaderboard.build_jobs(args)
+    settings = leaderboard.sweep_settings(args, jobs)
+    assert sorted(settings.recipes) == ['relloc', 'rotation']
+    # what each job was before the sweep read the files once (the stored runs' identities depend on it)
+    before = {}
+    for job in jobs:
+        config = load_config(str(config_file), {**settings.overrides, 'seed': job['seed'],
+                                                'evaluation.label_fraction': job['label_fraction']})
+        before[json.dumps(job, sort_keys=True)] = (config, build_plan(job['order'], config))
+    # mid-study: the experiment file and a recipe change on disk
+    config_file.write_text('image_size: 48\nevaluation:\n  label_fraction: 1.0\n')
+    real_recipe = plan_module.task_recipe
+    monkeypatch.setattr(plan_module, 'task_recipe', lambda task: {**real_recipe(task), 'flip_p': 0.25})
+    for job in jobs:
+        config, plan = before[json.dumps(job, sort_keys=True)]
+        assert job_config(settings, job) == config
+        planned = job_plan(settings, job)
+        assert [stage.cfg for stage in planned.stages] == [stage.cfg for stage in plan.stages]
+        probe = {'config': planned.config, 'order': planned.order, 'init': None, 'seed': job['seed']}
+        assert comparison_key(probe) == comparison_key({'config': config, 'order': plan.order, 'init': None,
+                                                        'seed': job['seed']})
+    assert job_plan(settings, jobs[-1]).stages[0].cfg['lr'] == 0.05    # the command's override is kept
+    assert job_plan(settings, jobs[-1]).config['image_size'] == 32
+    # a process that reads the files now (a new sweep) sees the edits
+    fresh = leaderboard.sweep_settings(args, jobs)
+    assert job_plan(fresh, jobs[-1]).config['image_size'] == 48
+    assert job_plan(fresh, jobs[-1]).stages[0].cfg['flip_p'] == 0.25
+
+
 def test_sweep_two_tasks_runs_four_stages_reuses_two_and_writes_outputs(tmp_path):
     work_root = tmp_path / 'root'
     out = tmp_path / 'out'

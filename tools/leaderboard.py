@@ -116,8 +116,10 @@ def build_jobs(args) -> list[dict]:
     return jobs
 
 
-def sweep_settings(args):
-    """What every node of the sweep needs besides its job (curriculum.sweep_tasks.SweepSettings)."""
+def sweep_settings(args, jobs: list[dict]):
+    """What every node of the sweep needs besides its job (curriculum.sweep_tasks.SweepSettings), the config and
+    the recipes of the jobs' tasks read now, once."""
+    from curriculum.plan import load_config, recipes_for
     from curriculum.results import default_results_url
     from curriculum.sweep import new_sweep_id
     from curriculum.sweep_tasks import SweepSettings
@@ -127,7 +129,8 @@ def sweep_settings(args):
     return SweepSettings(cwd=os.path.abspath(os.getcwd()), config_path=args.config, overrides=overrides,
                          work_root=args.work_root, results_url=args.results or default_results_url(args.work_root),
                          optuna_storage=args.optuna_storage or args.storage, sweep_id=new_sweep_id(),
-                         hide_cuda=args.device == 'cpu')
+                         hide_cuda=args.device == 'cpu', config=load_config(args.config, overrides),
+                         recipes=recipes_for([job['order'] for job in jobs]))
 
 
 def stage_counts(results: list[dict], jobs: list[dict]) -> dict[str, int]:
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
             results, counts = load_runs(results_url), None
         else:
             jobs = build_jobs(args)
-            settings = sweep_settings(args)
+            settings = sweep_settings(args, jobs)
             from curriculum.preflight import check_backbone
             from curriculum.sweep import check_backend_settings
             from curriculum.sweep_tasks import job_plan
