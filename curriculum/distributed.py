@@ -2,7 +2,9 @@
 torchrun's environment (gloo on CPU, NCCL on CUDA) and share rank 0's decisions with the other ranks."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from mmengine.dist import broadcast_object_list, init_dist, is_distributed
 
@@ -22,6 +24,29 @@ def init_from_env(device: str) -> None:
         import torch.distributed as dist
 
         dist.init_process_group(backend='gloo', init_method='env://')
+
+
+def finish(code: int) -> int:
+    """End this rank's process group and return the exit status ``code`` (unchanged without torchrun). Ranks
+    other than 0 then leave at once (``os._exit`` after flushing their output), skipping the interpreter's
+    finalisation: a gloo worker thread may still be releasing the tensors of the last collective, which takes the
+    GIL, and a thread that takes it during finalisation is killed inside that C++ destructor, so the process
+    aborts (SIGABRT, "terminate called without an active exception"; core dump of rank 1 in
+    tests/test_curriculum.py's torchrun test: ProcessGroupGloo::runLoop in ~AsyncBroadcastWork, main thread in
+    Py_FinalizeEx). Those ranks record nothing (rank 0 evaluates and writes every result), so nothing is lost;
+    rank 0 evaluates for a while after its last collective and exits normally."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    if rank == 0:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def from_rank0(value):

@@ -209,6 +209,9 @@ def search_lr(task_name: str, cfg: dict, search_cfg: dict, inputs: StageInputs, 
         if math.isfinite(repeat):
             outcome['noise'] = float(abs(repeat - best))
             outcome['noise_repeat_score'] = float(repeat)
+    # every rank trained the repeat, but each scored it on its own copy of the model: rank 0's figure decides for
+    # all (under torchrun rank 1's differed, 0.0699 against 0.0472, so the ranks could choose different LRs)
+    outcome = from_rank0(outcome)
     outcome['discriminates'] = (None if outcome['spread'] is None or outcome['noise'] is None
                                 else bool(outcome['spread'] > outcome['noise']))
     outcome['chosen_by'] = 'best trial'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,11 @@ def test_torchrun_two_processes_on_cpu_gives_one_result_with_the_same_schema(tmp
         assert {'balanced_accuracy', 'accuracy', 'macro_f1', 'auc', 'kappa'} <= set(metrics)
     from curriculum.results import default_results_url, load_runs
     assert len(load_runs(default_results_url(str(work_root)))) == 1      # one record, not one per rank
+    # both ranks print the LR search's noise decision, and it must be the same one (rank 0's): each rank scores
+    # the repeat trial on its own model copy, and a rank going by its own figure could train at another LR
+    decisions = re.findall(r'(\w+): the LR trials do not discriminate \(spread (\S+) <= noise (\S+)\)', proc.stderr)
+    assert decisions and len(decisions) % 2 == 0, proc.stderr[-3000:]
+    assert all(decisions.count(line) % 2 == 0 for line in decisions), decisions
     # a DDP stage (global batch = 2 × batch) is a different stage from a single-process one
     single = run_tool(['--order', 'odc', '--device', 'cpu', '--lr-trials', '0', *SMALL], work_root, timeout=600)
     assert single.returncode == 0, single.stderr

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     work_root = args.work_root
     work_dir = args.work_dir or os.path.join(work_root, plan.label)
     results_url = args.results or default_results_url(work_root)
-    from curriculum.distributed import init_from_env
+    from curriculum.distributed import finish, init_from_env
     from curriculum.run import resolve_device, run_curriculum
 
     # torchrun --nproc_per_node=K: one DDP process group for every stage (gloo on CPU, NCCL on CUDA)
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
                                 optuna_storage=args.optuna_storage,
                                 progress=None if args.quiet or get_rank() != 0 else progress_printer())
     except USER_ERRORS as exc:
-        return fail(exc)
+        return finish(fail(exc))
     if result is not None:  # rank 0 (or a single process) evaluates, records and reports
         print_summary(result, result.get('result_file') or os.path.join(work_dir, 'result.json'))
-    return 0
+    return finish(0)
 
 
 if __name__ == '__main__':
