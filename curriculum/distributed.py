@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from mmengine.dist import broadcast_object_list, init_dist, is_distributed
+from mmengine.dist import broadcast_object_list, get_rank, init_dist, is_distributed
 
 
 def launched_by_torchrun() -> bool:
@@ -35,11 +35,11 @@ def finish(code: int) -> int:
     tests/test_curriculum.py's torchrun test: ProcessGroupGloo::runLoop in ~AsyncBroadcastWork, main thread in
     Py_FinalizeEx). Those ranks record nothing (rank 0 evaluates and writes every result), so nothing is lost;
     rank 0 evaluates for a while after its last collective and exits normally."""
+    if not is_distributed():
+        return code
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return code
-    rank = dist.get_rank()
+    rank = get_rank()
     dist.destroy_process_group()
     if rank == 0:
         return code

@@ -85,11 +85,9 @@ def task_recipe(task: str) -> dict:
 
 
 def recipes_for(orders: list[str]) -> dict[str, dict]:
-    """The recipe of every known task named in ``orders`` (``'odc,moco'``, ``'none'``), read now: what a sweep
-    hands its nodes so that a recipe edited while it runs changes none of its jobs (unknown names are left to
-    :func:`parse_order`'s error)."""
-    names = {name.strip() for text in orders for name in str(text).split(',')}
-    return {name: task_recipe(name) for name in sorted(names) if name in TASKS}
+    """The recipe of every task named in ``orders`` (``'odc,moco'``, ``'none'``), read now: what a sweep hands its
+    nodes so that a recipe edited while it runs changes none of its jobs."""
+    return {task: task_recipe(task) for task in sorted({task for text in orders for task in parse_order(text)})}
 
 
 @dataclass

@@ -18,18 +18,16 @@ from dataclasses import dataclass
 class SweepSettings:
     """Everything a node needs besides its job, the same on every machine (paths: on the shared file system)."""
     cwd: str                     # the folder relative paths of the command line are resolved against
-    config_path: str | None
-    overrides: dict              # dotted config overrides of the command line (the seed is the job's)
     work_root: str
     results_url: str
     optuna_storage: str | None
     sweep_id: str                # names this sweep's stage nodes (see curriculum.run.run_planned_stage)
+    # the config (file, defaults and overrides; no seed) and the jobs' task recipes as read once when the sweep
+    # started: a config or recipe edited while the sweep runs changes none of its jobs (before, every node read the
+    # files again, so an edit made mid-study gave later jobs other settings and other identities)
+    config: dict
+    recipes: dict
     hide_cuda: bool = False      # --device cpu
-    # the config (file, defaults and overrides; no seed) and the task recipes as read once when the sweep started:
-    # a config or recipe edited while the sweep runs changes none of its jobs (before, every node read the files
-    # again, so an edit made mid-study gave later jobs other settings and other identities). None: read the files.
-    config: dict | None = None
-    recipes: dict | None = None
 
 
 def _enter(settings: SweepSettings) -> None:
@@ -51,13 +49,11 @@ def _enter(settings: SweepSettings) -> None:
 
 def job_config(settings: SweepSettings, job: dict) -> dict:
     """The sweep's config with the job's seed (and label fraction)."""
-    from .plan import apply_dotted, load_config
+    from .plan import apply_dotted
 
     options = {'seed': job['seed']}
     if job.get('label_fraction') is not None:    # a sweep over several label fractions (--label-fractions)
         options['evaluation.label_fraction'] = job['label_fraction']
-    if settings.config is None:
-        return load_config(settings.config_path, {**settings.overrides, **options})
     return apply_dotted(settings.config, options)   # both keys are known ones: the schema check ran at the start
 
 

@@ -118,6 +118,7 @@ def stored_runs(work_root):
 
 def test_a_sweep_reads_its_config_and_recipes_once_so_editing_them_mid_study_changes_no_job(tmp_path, monkeypatch):
     import curriculum.plan as plan_module
+    from curriculum.cli import config_overrides
     from curriculum.leaderboard import comparison_key
     from curriculum.plan import build_plan, load_config
     from curriculum.sweep_tasks import job_config, job_plan
@@ -135,7 +136,7 @@ def test_a_sweep_reads_its_config_and_recipes_once_so_editing_them_mid_study_cha
     # what each job was before the sweep read the files once (the stored runs' identities depend on it)
     before = {}
     for job in jobs:
-        config = load_config(str(config_file), {**settings.overrides, 'seed': job['seed'],
+        config = load_config(str(config_file), {**config_overrides(args), 'seed': job['seed'],
                                                 'evaluation.label_fraction': job['label_fraction']})
         before[json.dumps(job, sort_keys=True)] = (config, build_plan(job['order'], config))
     # mid-study: the experiment file and a recipe change on disk

@@ -126,8 +126,8 @@ def sweep_settings(args, jobs: list[dict]):
 
     overrides = config_overrides(args)
     overrides.pop('seed', None)
-    return SweepSettings(cwd=os.path.abspath(os.getcwd()), config_path=args.config, overrides=overrides,
-                         work_root=args.work_root, results_url=args.results or default_results_url(args.work_root),
+    return SweepSettings(cwd=os.path.abspath(os.getcwd()), work_root=args.work_root,
+                         results_url=args.results or default_results_url(args.work_root),
                          optuna_storage=args.optuna_storage or args.storage, sweep_id=new_sweep_id(),
                          hide_cuda=args.device == 'cpu', config=load_config(args.config, overrides),
                          recipes=recipes_for([job['order'] for job in jobs]))
